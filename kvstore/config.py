@@ -1,0 +1,232 @@
+"""Configuration: frozen dataclasses, built once at the edge (CLI, TOML file, environment).
+
+Precedence, lowest first: defaults < TOML file < environment (`KVSTORE_<SECTION>_<FIELD>`, e.g.
+`KVSTORE_DISK_PATH`, `KVSTORE_MEMORY_CAPACITY`; top-level fields as `KVSTORE_<FIELD>`) < CLI
+`--set section.field=value`. The embedded default is a CPU memory tier and a disk tier under the
+user's cache directory: no server, no GPU.
+
+File format:
+    chunk_tokens = 256
+    [memory]
+    capacity = "2GiB"
+    [disk]
+    path = "~/.cache/kvstore"
+    capacity = "20GiB"
+    codec = "zstd"
+
+Nothing below the edge reads the environment; `build_store(config)` turns a config into tiers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+import platformdirs
+
+from kvstore.errors import ConfigError
+from kvstore.keys import validate_namespace
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4, "tib": 1 << 40}
+
+
+def parse_size(value: int | str) -> int:
+    """`"2GiB"`, `"512 MB"`, `1048576` -> bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"size must be >= 0, got {value}")
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"not a size: {value!r} (use e.g. 512MiB, 2GiB, 1000000)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def default_cache_dir() -> Path:
+    return Path(platformdirs.user_cache_dir("kvstore"))
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryConfig:
+    capacity: int = 2 << 30
+    device: str = "cpu"  # "cpu" (host memory, pinned where CUDA exists) or "cuda[:N]" (GPU tier)
+
+    def __post_init__(self) -> None:
+        if self.capacity <= 0:
+            raise ConfigError("memory.capacity must be positive (remove the [memory] section to disable)")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"memory.device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class DiskConfig:
+    path: Path = field(default_factory=default_cache_dir)
+    capacity: int = 20 << 30
+    codec: str = "zstd"
+    codec_level: int | None = None
+    fsync: bool = True
+
+    def __post_init__(self) -> None:
+        if self.capacity <= 0:
+            raise ConfigError("disk.capacity must be positive")
+        from codec import codec_names
+
+        if self.codec not in codec_names():
+            raise ConfigError(f"disk.codec {self.codec!r} is not one of {', '.join(codec_names())}")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    chunk_tokens: int = 256
+    namespace: str = "default"
+    write_through: bool = True
+    promote_on_hit: bool = True
+    max_pending_bytes: int = 1 << 30
+    memory: MemoryConfig | None = field(default_factory=MemoryConfig)
+    gpu: MemoryConfig | None = None
+    disk: DiskConfig | None = field(default_factory=DiskConfig)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.chunk_tokens <= 1 << 16:
+            raise ConfigError(f"chunk_tokens must be in [1, 65536], got {self.chunk_tokens}")
+        validate_namespace(self.namespace)
+        if self.memory is None and self.gpu is None and self.disk is None:
+            raise ConfigError("at least one tier must be configured")
+
+
+_SECTIONS = {"memory": MemoryConfig, "gpu": MemoryConfig, "disk": DiskConfig}
+_SIZE_FIELDS = {"capacity", "max_pending_bytes"}
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    if name in _SIZE_FIELDS:
+        return parse_size(value)
+    if name == "path":
+        return Path(str(value)).expanduser()
+    if name == "codec_level":
+        return None if value in (None, "", "none") else int(value)
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        s = str(value).lower()
+        if s in ("1", "true", "yes", "on"):
+            return True
+        if s in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if isinstance(default, int):
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+    return str(value)
+
+
+def _build(cls, values: Mapping[str, Any], where: str):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in {where}: {', '.join(sorted(unknown))}")
+    base = cls()
+    kwargs = {k: _coerce(k, v, getattr(base, k)) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None, overrides: Mapping[str, str] | None = None) -> StoreConfig:
+    """Defaults < TOML file at `path` (or `$KVSTORE_CONFIG`) < `env` < `overrides` ("section.field")."""
+    env = {} if env is None else env
+    tree: dict[str, Any] = {}
+    path = path or env.get("KVSTORE_CONFIG")
+    if path:
+        try:
+            with open(path, "rb") as f:
+                tree = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            if k not in _SECTIONS:
+                raise ConfigError(f"unknown section [{k}] in {path}")
+            for kk, vv in v.items():
+                flat[f"{k}.{kk}"] = vv
+        else:
+            flat[k] = v
+    for k, v in env.items():
+        if not k.startswith("KVSTORE_") or k == "KVSTORE_CONFIG":
+            continue
+        rest = k[len("KVSTORE_"):].lower()
+        section = next((s for s in _SECTIONS if rest.startswith(s + "_")), None)
+        flat[f"{section}.{rest[len(section) + 1:]}" if section else rest] = v
+    for k, v in (overrides or {}).items():
+        flat[k] = v
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any] | None] = {}
+    for k, v in flat.items():
+        if "." in k:
+            s, name = k.split(".", 1)
+            if s not in _SECTIONS:
+                raise ConfigError(f"unknown section {s!r} in setting {k!r}")
+            if name == "enabled":
+                if not _coerce("enabled", v, True):
+                    sections[s] = None
+                else:
+                    sections.setdefault(s, {})
+                continue
+            if sections.get(s, {}) is None:
+                continue
+            sections.setdefault(s, {})[name] = v
+        else:
+            top[k] = v
+    defaults = StoreConfig()
+    for s, values in sections.items():
+        if values is None:
+            top[s] = None
+        elif s == "gpu" and "device" not in values:
+            top[s] = _build(MemoryConfig, {"device": "cuda", **values}, f"[{s}]")
+        else:
+            top[s] = _build(_SECTIONS[s], values, f"[{s}]")
+    known = {f.name for f in dataclasses.fields(StoreConfig)}
+    unknown = set(top) - known
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    kwargs = {k: (v if k in _SECTIONS else _coerce(k, v, getattr(defaults, k))) for k, v in top.items()}
+    return StoreConfig(**kwargs)
+
+
+def build_store(config: StoreConfig):
+    """The `TieredStore` a config describes: GPU tier, then CPU memory, then disk, where configured."""
+    from codec import make_codec
+    from kvstore.store import TieredStore
+    from kvstore.tiers import DiskTier, MemoryTier
+
+    tiers = []
+    if config.gpu is not None:
+        tiers.append(MemoryTier(config.gpu.capacity, config.gpu.device, name="gpu"))
+    if config.memory is not None:
+        tiers.append(MemoryTier(config.memory.capacity, config.memory.device, name="cpu" if config.memory.device == "cpu" else "device"))
+    if config.disk is not None:
+        d = config.disk
+        tiers.append(DiskTier(d.path, d.capacity, make_codec(d.codec, d.codec_level), fsync=d.fsync))
+    return TieredStore(
+        tiers,
+        chunk_tokens=config.chunk_tokens,
+        write_through=config.write_through,
+        promote_on_hit=config.promote_on_hit,
+        max_pending_bytes=config.max_pending_bytes,
+    )

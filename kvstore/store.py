@@ -1,0 +1,321 @@
+"""The tiered store: one API over an ordered list of tiers, fastest first.
+
+Primitives:
+- `lookup(tokens, model=..)`: how many leading tokens are stored (consecutive chunk hits from the
+  start, in any tier; token ids checked where a tier keeps them in memory).
+- `get(refs)`: chunks from the fastest tier holding each, token ids verified against the refs; hits in
+  a slower tier are promoted (copied) into the faster ones.
+- `put(chunks)`: synchronous into the first tier; asynchronous into the slower ones (write-through)
+  with bounded pending bytes; `flush()` waits for them.
+- Eviction from the first tier demotes (writes back) the victim to the next tier when that tier does not
+  already hold it.
+- Pins protect entries in flight; counters per tier and for the store.
+
+Degrade, don't fail: a tier that raises on a get is a miss for that call, a failed async write is
+counted and logged; the caller (an engine) recomputes. Only bad input raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from kvstore.chunk import Chunk
+from kvstore.keys import ChunkKey, ChunkKind, ChunkRef, chunk_refs
+from kvstore.tiers.base import Tier, TierStats
+from kvstore.tiers.memory import MemoryTier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class StoreCounters:
+    lookups: int = 0
+    lookup_tokens: int = 0
+    lookup_hit_tokens: int = 0
+    token_mismatches: int = 0
+    tier_failures: int = 0
+    promotions: int = 0
+    demotions: int = 0
+    async_writes: int = 0
+    async_failures: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for k, v in deltas.items():
+                setattr(self, k, getattr(self, k) + v)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {k: getattr(self, k) for k in self.__slots__ if not k.startswith("_")}
+
+
+class TieredStore:
+    def __init__(
+        self,
+        tiers: Sequence[Tier],
+        *,
+        chunk_tokens: int = 256,
+        write_through: bool = True,
+        promote_on_hit: bool = True,
+        max_pending_bytes: int = 1 << 30,
+    ) -> None:
+        if not tiers:
+            raise ValueError("a store needs at least one tier")
+        self.tiers = list(tiers)
+        self.chunk_tokens = chunk_tokens
+        self.write_through = write_through
+        self.promote_on_hit = promote_on_hit
+        self.max_pending_bytes = max_pending_bytes
+        self.counters = StoreCounters()
+        self._writers = [ThreadPoolExecutor(1, thread_name_prefix=f"kvstore-{t.name}") for t in self.tiers[1:]]
+        self._pending_bytes = 0
+        self._pending_jobs = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        if len(self.tiers) > 1:
+            self.tiers[0].on_evict = self._demote
+
+    # -- keys and lookup -----------------------------------------------------------------------------
+
+    def chunk_refs(self, tokens, *, model: str, namespace: str = "default", kind: ChunkKind = ChunkKind.PREFIX, include_partial: bool = False) -> list[ChunkRef]:
+        return chunk_refs(tokens, namespace=namespace, model=model, chunk_tokens=self.chunk_tokens, kind=kind, include_partial=include_partial)
+
+    def lookup(self, tokens, *, model: str, namespace: str = "default") -> int:
+        """Number of leading tokens whose chunks are all stored (a multiple of `chunk_tokens`)."""
+        refs = self.chunk_refs(tokens, model=model, namespace=namespace)
+        n = self.lookup_refs(refs)
+        self.counters.add(lookups=1, lookup_tokens=len(tokens), lookup_hit_tokens=n * self.chunk_tokens)
+        return n * self.chunk_tokens
+
+    def lookup_refs(self, refs: Sequence[ChunkRef]) -> int:
+        """Number of leading refs stored in some tier."""
+        keys = [r.key for r in refs]
+        found = self._contains(self.tiers[0], keys, [r.tokens for r in refs])
+        for tier in self.tiers[1:]:
+            if all(found):
+                break
+            first = found.index(False)
+            missing = [i for i in range(first, len(keys)) if not found[i]]
+            sub = self._contains(tier, [keys[i] for i in missing], [refs[i].tokens for i in missing])
+            for i, hit in zip(missing, sub):
+                found[i] = found[i] or hit
+        return found.index(False) if not all(found) else len(found)
+
+    def _contains(self, tier: Tier, keys: list[ChunkKey], tokens: list[np.ndarray]) -> list[bool]:
+        try:
+            return tier.contains(keys, tokens)
+        except Exception as e:  # a failing tier is a miss, not an error (degrade, don't fail)
+            log.warning("tier %s failed on contains: %s", tier.name, e)
+            self.counters.add(tier_failures=1)
+            return [False] * len(keys)
+
+    def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        found = [False] * len(keys)
+        for tier in self.tiers:
+            for i, hit in enumerate(self._contains(tier, list(keys), None)):
+                found[i] = found[i] or hit
+        return found
+
+    # -- get -----------------------------------------------------------------------------------------
+
+    def get(self, refs: Sequence[ChunkRef | ChunkKey], out: Sequence[torch.Tensor | None] | None = None) -> list[Chunk | None]:
+        """Chunks for `refs` (None where no tier has a valid copy), decoded into `out[i]` where given.
+
+        With `ChunkRef`s the token ids stored with each chunk are compared with the ref's: a mismatch (a
+        hash collision, or a poisoned entry) is a miss, never wrong KV.
+        """
+        keys = [r.key if isinstance(r, ChunkRef) else r for r in refs]
+        results: list[Chunk | None] = [None] * len(keys)
+        todo = list(range(len(keys)))
+        for level, tier in enumerate(self.tiers):
+            if not todo:
+                break
+            try:
+                got = tier.get([keys[i] for i in todo], [out[i] for i in todo] if out is not None else None)
+            except Exception as e:
+                if not _is_caller_error(e):
+                    log.warning("tier %s failed on get: %s", tier.name, e)
+                    self.counters.add(tier_failures=1)
+                    continue
+                raise
+            promote = []
+            still = []
+            for i, chunk in zip(todo, got):
+                if chunk is not None and isinstance(refs[i], ChunkRef) and not np.array_equal(chunk.tokens, refs[i].tokens):
+                    self.counters.add(token_mismatches=1)
+                    chunk = None
+                if chunk is None:
+                    still.append(i)
+                else:
+                    results[i] = chunk
+                    promote.append(chunk)
+            if level and promote and self.promote_on_hit:
+                for faster in self.tiers[:level]:
+                    try:
+                        faster.put(promote)
+                    except Exception as e:
+                        log.warning("promotion into tier %s failed: %s", faster.name, e)
+                self.counters.add(promotions=len(promote))
+            todo = still
+        return results
+
+    # -- put -----------------------------------------------------------------------------------------
+
+    def put(self, chunks: Sequence[Chunk]) -> list[bool]:
+        """Store `chunks`: in the first tier now, in the slower tiers asynchronously (see `flush`).
+
+        Returns per chunk whether some tier accepted it (the first tier now, or a slower tier's write
+        queued). The caller may reuse its tensors as soon as this returns.
+        """
+        first = self.tiers[0]
+        accepted = first.put(chunks)
+        if len(self.tiers) == 1 or not self.write_through:
+            return accepted
+        # Hand the slower tiers the first tier's copy, pinned until they are done, so that put costs
+        # one copy; chunks the first tier had no room for are copied for the writers.
+        stable = []
+        pinned_keys = []
+        if isinstance(first, MemoryTier):
+            pinned = first.pin([c.key for c in chunks])
+            for c, ok, pin in zip(chunks, accepted, pinned):
+                view = first.peek(c.key) if pin else None
+                if view is not None:
+                    stable.append(view)
+                    pinned_keys.append(c.key)
+                else:
+                    if pin:
+                        first.unpin([c.key])
+                    stable.append(_copy(c))
+        else:
+            stable = [_copy(c) for c in chunks]
+        self._submit(stable, pinned_keys)
+        return [True] * len(chunks)
+
+    def _submit(self, chunks: list[Chunk], pinned_keys: list[ChunkKey]) -> None:
+        nbytes = sum(c.nbytes for c in chunks)
+        with self._cond:
+            while self._pending_bytes and self._pending_bytes + nbytes > self.max_pending_bytes:
+                self._cond.wait()  # backpressure: the slow tiers are behind
+            self._pending_bytes += nbytes
+            self._pending_jobs += 1
+        remaining = [len(self._writers)]
+        lock = threading.Lock()
+
+        def done() -> None:
+            with lock:
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if last:
+                if pinned_keys:
+                    self.tiers[0].unpin(pinned_keys)
+                with self._cond:
+                    self._pending_bytes -= nbytes
+                    self._pending_jobs -= 1
+                    self._cond.notify_all()
+
+        for tier, writer in zip(self.tiers[1:], self._writers):
+            writer.submit(self._write, tier, chunks, done)
+
+    def _write(self, tier: Tier, chunks: list[Chunk], done) -> None:
+        try:
+            todo = [c for c, has in zip(chunks, tier.contains([c.key for c in chunks])) if not has]
+            if todo:
+                ok = tier.put(todo)
+                self.counters.add(async_writes=sum(ok))
+        except Exception as e:
+            log.warning("async write to tier %s failed: %s", tier.name, e)
+            self.counters.add(async_failures=len(chunks))
+        finally:
+            done()
+
+    def _demote(self, victim: Chunk) -> None:
+        """Eviction callback of the first tier: write the victim back to the next tier if it lacks it."""
+        nxt = self.tiers[1]
+        try:
+            if nxt.contains([victim.key])[0]:
+                return
+        except Exception:
+            return
+        self.counters.add(demotions=1)
+        copy = _copy(victim)
+        nbytes = copy.nbytes
+        with self._cond:
+            self._pending_bytes += nbytes
+            self._pending_jobs += 1
+
+        def done() -> None:
+            with self._cond:
+                self._pending_bytes -= nbytes
+                self._pending_jobs -= 1
+                self._cond.notify_all()
+
+        self._writers[0].submit(self._write, nxt, [copy], done)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued write to the slower tiers has finished; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending_jobs == 0, timeout)
+
+    # -- control -------------------------------------------------------------------------------------
+
+    def delete(self, keys: Sequence[ChunkKey]) -> int:
+        self.flush()
+        return max(tier.delete(keys) for tier in self.tiers)
+
+    def pin(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """Pin `keys` in every tier that holds them; True where at least one tier does."""
+        found = [False] * len(keys)
+        for tier in self.tiers:
+            for i, ok in enumerate(tier.pin(keys)):
+                found[i] = found[i] or ok
+        return found
+
+    def unpin(self, keys: Sequence[ChunkKey]) -> None:
+        for tier in self.tiers:
+            tier.unpin(keys)
+
+    def clear(self, namespace: str | None = None) -> int:
+        """Remove every unpinned chunk (of `namespace`, where given) from every tier."""
+        self.flush()
+        return sum(tier.clear(namespace) for tier in self.tiers)
+
+    def stats(self) -> dict:
+        return {
+            "store": self.counters.snapshot(),
+            "pending_bytes": self._pending_bytes,
+            "tiers": {t.name: {"usage": t.usage(), "stats": t.stats.snapshot()} for t in self.tiers},
+        }
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.flush()
+        for w in self._writers:
+            w.shutdown(wait=True)
+        for t in self.tiers:
+            t.close()
+
+    def __enter__(self) -> "TieredStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _copy(chunk: Chunk) -> Chunk:
+    return Chunk(chunk.key, chunk.kv.detach().to("cpu", copy=True), chunk.tokens, chunk.start_pos)
+
+
+def _is_caller_error(e: Exception) -> bool:
+    from kvstore.errors import InvalidChunkError
+
+    return isinstance(e, InvalidChunkError)
