@@ -378,12 +378,8 @@ class DiskTier(Tier):
             prelude = _read_exact(f, PRELUDE.size)
             total = header_length(prelude)
             header = parse_header(prelude + _read_exact(f, total - PRELUDE.size), self.max_kv_bytes)
-            if key is not None and header.key != key:
-                raise RecordError(f"record holds {header.key}, not {key} (foreign or misplaced file)")
-            if out is not None and (tuple(out.shape) != header.shape or out.dtype != header.dtype):
-                raise InvalidChunkError(f"output buffer {tuple(out.shape)} {out.dtype} does not fit record {header.shape} {header.dtype}")
-            codec_name = header.codec
-            if codec_name == "raw" and (out is None or (out.device.type == "cpu" and out.is_contiguous())):
+            self._check_header(header, key, out)
+            if header.codec == "raw" and (out is None or (out.device.type == "cpu" and out.is_contiguous())):
                 # Zero-copy path: read the payload straight into the output tensor's memory.
                 dst = out if out is not None else torch.empty(header.shape, dtype=header.dtype)
                 view = memoryview(dst.reshape(-1).view(torch.uint8).numpy())
@@ -399,8 +395,18 @@ class DiskTier(Tier):
             got = f.readinto(payload)
             if got != len(payload) or f.read(1):
                 raise RecordError("record payload length does not match its file")
+        return self._decode(header, memoryview(payload), out)
+
+    def _check_header(self, header, key: ChunkKey | None, out: torch.Tensor | None) -> None:
+        if key is not None and header.key != key:
+            raise RecordError(f"record holds {header.key}, not {key} (foreign or misplaced file)")
+        if out is not None and (tuple(out.shape) != header.shape or out.dtype != header.dtype):
+            raise InvalidChunkError(f"output buffer {tuple(out.shape)} {out.dtype} does not fit record {header.shape} {header.dtype}")
+
+    @staticmethod
+    def _decode(header, payload: memoryview, out: torch.Tensor | None) -> Chunk:
         target = out if out is None or (out.device.type == "cpu" and out.is_contiguous()) else None
-        chunk = decode_payload(header, memoryview(payload), target)
+        chunk = decode_payload(header, payload, target)
         if out is not None and target is None:
             out.copy_(chunk.kv)
             chunk = Chunk(chunk.key, out, chunk.tokens, chunk.start_pos)
