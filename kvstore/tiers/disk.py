@@ -221,15 +221,24 @@ class DiskTier(Tier):
         with Timer() as t:
             results = [False] * len(chunks)
             victims: list[str] = []
+            def attempt(chunk: Chunk):
+                try:
+                    return self._put_one(chunk, victims)
+                except Exception as e:  # re-raised below, after what was written is published
+                    return e
+
             if len(chunks) > 1 and self.io_threads > 1:
                 # Several records in flight at once: the filesystem merges their journal commits.
-                outcomes = list(self._pool().map(lambda c: self._put_one(c, victims), chunks))
+                outcomes = list(self._pool().map(attempt, chunks))
             else:
-                outcomes = [self._put_one(c, victims) for c in chunks]
+                outcomes = [attempt(c) for c in chunks]
             written = []
+            failure: Exception | None = None
             for i, outcome in enumerate(outcomes):
                 if outcome is True:
                     results[i] = True
+                elif isinstance(outcome, Exception):
+                    failure = failure or outcome
                 elif outcome is not None:
                     written.append((i, *outcome))
             if self.fsync and written:
@@ -247,6 +256,8 @@ class DiskTier(Tier):
         nbytes = sum(w[4] for w in written)
         rejected = sum(1 for r in results if not r)
         self.stats.add(puts=len(written), put_rejected=rejected, bytes_written=nbytes, put_calls=1, put_seconds=t.seconds)
+        if failure is not None:
+            raise failure
         return results
 
     def _pool(self) -> ThreadPoolExecutor:
@@ -266,6 +277,16 @@ class DiskTier(Tier):
                 self._index.move_to_end(digest)
                 return True
             if digest in self._writing:
+                return True
+            e = self._doomed.pop(digest, None)
+            if e is not None:
+                # Deleted while pinned or read, and put again: its file is this very record, so it comes
+                # back. Writing it anew would rename over the same path, and the deferred unlink at the
+                # last unpin or read would then delete the new record.
+                e.doomed = False
+                self._index[digest] = e
+                self._used += e.size
+                victims += self._evict_locked(0)
                 return True
             self._writing.add(digest)
         try:
@@ -379,6 +400,9 @@ class DiskTier(Tier):
             total = header_length(prelude)
             header = parse_header(prelude + _read_exact(f, total - PRELUDE.size), self.max_kv_bytes)
             self._check_header(header, key, out)
+            # Before allocating payload_len bytes (up to 2 * max_kv_bytes) for a file that cannot hold them.
+            if os.fstat(f.fileno()).st_size != header.record_len:
+                raise RecordError(f"record file is not the {header.record_len} bytes its header says (truncated?)")
             if header.codec == "raw" and (out is None or (out.device.type == "cpu" and out.is_contiguous())):
                 # Zero-copy path: read the payload straight into the output tensor's memory.
                 dst = out if out is not None else torch.empty(header.shape, dtype=header.dtype)
