@@ -117,7 +117,12 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
     if name == "path":
         return Path(str(value)).expanduser()
     if name == "codec_level":
-        return None if value in (None, "", "none") else int(value)
+        if value in (None, "", "none"):
+            return None
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"codec_level must be an integer, got {value!r}") from None
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -191,6 +196,8 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
             if sections.get(s, {}) is None:
                 continue
             sections.setdefault(s, {})[name] = v
+        elif k in _SECTIONS:  # e.g. `memory = 5` or KVSTORE_MEMORY=5: would become a non-config tier value
+            raise ConfigError(f"{k!r} is a section: set {k}.<field>, or {k}.enabled = false to remove it")
         else:
             top[k] = v
     defaults = StoreConfig()

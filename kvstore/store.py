@@ -79,6 +79,9 @@ class TieredStore:
         self._pending_bytes = 0
         self._pending_jobs = 0
         self._cond = threading.Condition()
+        # Chunks evicted from the first tier whose write-back has not landed yet: still served from here,
+        # so that a demotion never opens a window in which a stored chunk is in no tier.
+        self._demoting: dict[ChunkKey, Chunk] = {}
         self._closed = False
         if len(self.tiers) > 1:
             self.tiers[0].on_evict = self._demote
@@ -99,6 +102,9 @@ class TieredStore:
         """Number of leading refs stored in some tier."""
         keys = [r.key for r in refs]
         found = self._contains(self.tiers[0], keys, [r.tokens for r in refs])
+        if self._demoting:
+            demoting = self._demoting
+            found = [f or k in demoting for f, k in zip(found, keys)]
         for tier in self.tiers[1:]:
             if all(found):
                 break
@@ -146,6 +152,9 @@ class TieredStore:
                     self.counters.add(tier_failures=1)
                     continue
                 raise
+            if level == 0 and self._demoting:
+                got = [c if c is not None else self._from_demoting(keys[i], out[i] if out is not None else None)
+                       for i, c in zip(todo, got)]
             promote = []
             still = []
             for i, chunk in zip(todo, got):
@@ -236,6 +245,19 @@ class TieredStore:
         finally:
             done()
 
+    def _from_demoting(self, key: ChunkKey, out: torch.Tensor | None) -> Chunk | None:
+        chunk = self._demoting.get(key)
+        if chunk is None:
+            return None
+        if out is None:
+            return Chunk(key, chunk.kv.clone(), chunk.tokens, chunk.start_pos)
+        if tuple(out.shape) != tuple(chunk.kv.shape) or out.dtype != chunk.kv.dtype:
+            from kvstore.errors import InvalidChunkError
+
+            raise InvalidChunkError(f"output buffer {tuple(out.shape)} {out.dtype} does not fit chunk {tuple(chunk.kv.shape)} {chunk.kv.dtype}")
+        out.copy_(chunk.kv)
+        return Chunk(key, out, chunk.tokens, chunk.start_pos)
+
     def _demote(self, victim: Chunk) -> None:
         """Eviction callback of the first tier: write the victim back to the next tier if it lacks it."""
         nxt = self.tiers[1]
@@ -250,9 +272,12 @@ class TieredStore:
         with self._cond:
             self._pending_bytes += nbytes
             self._pending_jobs += 1
+            self._demoting[copy.key] = copy
 
         def done() -> None:
             with self._cond:
+                if self._demoting.get(copy.key) is copy:
+                    del self._demoting[copy.key]
                 self._pending_bytes -= nbytes
                 self._pending_jobs -= 1
                 self._cond.notify_all()

@@ -154,6 +154,15 @@ class MemoryTier(Tier):
                 return True, None
             if key in self._writing:
                 return True, None
+            doomed = next((d for d in self._doomed if d.key == key), None)
+            if doomed is not None:
+                # Deleted while pinned or read, and put again: the region still holds this very chunk, so
+                # it comes back with its pins. A fresh copy instead would leave the old region owned by
+                # pins that `unpin` (which finds the new entry first) could never release.
+                self._doomed.remove(doomed)
+                doomed.doomed = False
+                self._index[key] = doomed
+                return True, None
             if nbytes > self.arena.capacity:
                 return False, None
             offset = self.arena.alloc(nbytes)
