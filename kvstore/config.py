@@ -13,6 +13,8 @@ File format:
     path = "~/.cache/kvstore"
     capacity = "20GiB"
     codec = "zstd"
+    [redis]                     # optional remote tier, last in the order
+    url = "redis://127.0.0.1:6379/0"
 
 Nothing below the edge reads the environment; `build_store(config)` turns a config into tiers.
 """
@@ -89,6 +91,28 @@ class DiskConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RedisConfig:
+    url: str = ""  # redis://host:port/db (a cluster: any node's URL with cluster = true)
+    cluster: bool = False
+    prefix: str = "kvs:"
+    ttl_seconds: int = 0  # 0: no expiry (Redis's maxmemory-policy evicts)
+    codec: str = "zstd"
+    codec_level: int | None = None
+    timeout: float = 1.0  # seconds per call before the tier counts as down
+    retry_after: float = 2.0  # seconds a down tier answers misses before trying again
+
+    def __post_init__(self) -> None:
+        if not re.match(r"^(redis|rediss|unix)://", self.url):
+            raise ConfigError(f"redis.url must be a redis:// (or rediss://, unix://) URL, got {self.url!r}")
+        if self.timeout <= 0 or self.retry_after < 0 or self.ttl_seconds < 0:
+            raise ConfigError("redis.timeout must be > 0, redis.retry_after and redis.ttl_seconds >= 0")
+        from codec import codec_names
+
+        if self.codec not in codec_names():
+            raise ConfigError(f"redis.codec {self.codec!r} is not one of {', '.join(codec_names())}")
+
+
+@dataclass(frozen=True, slots=True)
 class StoreConfig:
     chunk_tokens: int = 256
     namespace: str = "default"
@@ -98,6 +122,7 @@ class StoreConfig:
     memory: MemoryConfig | None = field(default_factory=MemoryConfig)
     gpu: MemoryConfig | None = None
     disk: DiskConfig | None = field(default_factory=DiskConfig)
+    redis: RedisConfig | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.chunk_tokens <= 1 << 16:
@@ -107,7 +132,7 @@ class StoreConfig:
             raise ConfigError("at least one tier must be configured")
 
 
-_SECTIONS = {"memory": MemoryConfig, "gpu": MemoryConfig, "disk": DiskConfig}
+_SECTIONS = {"memory": MemoryConfig, "gpu": MemoryConfig, "disk": DiskConfig, "redis": RedisConfig}
 _SIZE_FIELDS = {"capacity", "max_pending_bytes"}
 
 
@@ -123,6 +148,11 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
             return int(value)
         except (TypeError, ValueError):
             raise ConfigError(f"codec_level must be an integer, got {value!r}") from None
+    if isinstance(default, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -145,8 +175,8 @@ def _build(cls, values: Mapping[str, Any], where: str):
     unknown = set(values) - set(known)
     if unknown:
         raise ConfigError(f"unknown setting(s) in {where}: {', '.join(sorted(unknown))}")
-    base = cls()
-    kwargs = {k: _coerce(k, v, getattr(base, k)) for k, v in values.items()}
+    defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default for f in known.values()}
+    kwargs = {k: _coerce(k, v, defaults[k]) for k, v in values.items()}
     return cls(**kwargs)
 
 
@@ -204,6 +234,8 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
     for s, values in sections.items():
         if values is None:
             top[s] = None
+        elif s == "redis" and "url" not in values:
+            raise ConfigError("[redis] needs a url (e.g. redis://127.0.0.1:6379/0)")
         elif s == "gpu" and "device" not in values:
             top[s] = _build(MemoryConfig, {"device": "cuda", **values}, f"[{s}]")
         else:
@@ -220,7 +252,7 @@ def build_store(config: StoreConfig):
     """The `TieredStore` a config describes: GPU tier, then CPU memory, then disk, where configured."""
     from codec import make_codec
     from kvstore.store import TieredStore
-    from kvstore.tiers import DiskTier, MemoryTier
+    from kvstore.tiers import DiskTier, MemoryTier, RedisTier
 
     tiers = []
     if config.gpu is not None:
@@ -230,6 +262,10 @@ def build_store(config: StoreConfig):
     if config.disk is not None:
         d = config.disk
         tiers.append(DiskTier(d.path, d.capacity, make_codec(d.codec, d.codec_level), fsync=d.fsync))
+    if config.redis is not None:
+        r = config.redis
+        tiers.append(RedisTier(r.url, make_codec(r.codec, r.codec_level), cluster=r.cluster, prefix=r.prefix,
+                               ttl_seconds=r.ttl_seconds or None, timeout=r.timeout, retry_after=r.retry_after))
     return TieredStore(
         tiers,
         chunk_tokens=config.chunk_tokens,

@@ -45,6 +45,7 @@ class StoreCounters:
     demotions: int = 0
     async_writes: int = 0
     async_failures: int = 0
+    dropped_writes: int = 0  # chunks a remote tier skipped because it was behind
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **deltas: int) -> None:
@@ -76,7 +77,7 @@ class TieredStore:
         self.max_pending_bytes = max_pending_bytes
         self.counters = StoreCounters()
         self._writers = [ThreadPoolExecutor(1, thread_name_prefix=f"kvstore-{t.name}") for t in self.tiers[1:]]
-        self._pending_bytes = 0
+        self._tier_pending = [0] * (len(self.tiers) - 1)  # bytes queued per slower tier
         self._pending_jobs = 0
         self._cond = threading.Condition()
         # Chunks evicted from the first tier whose write-back has not landed yet: still served from here,
@@ -209,29 +210,44 @@ class TieredStore:
         return [True] * len(chunks)
 
     def _submit(self, chunks: list[Chunk], pinned_keys: list[ChunkKey]) -> None:
+        """Queue `chunks` for every slower tier. A tier that is behind by `max_pending_bytes` makes this
+        wait (local disk: back-pressure, nothing lost) or, if it sets `drop_when_behind` (remote tiers),
+        skips these chunks and counts them: a slow network must never stall the engine."""
         nbytes = sum(c.nbytes for c in chunks)
+        targets = []
         with self._cond:
-            while self._pending_bytes and self._pending_bytes + nbytes > self.max_pending_bytes:
-                self._cond.wait()  # backpressure: the slow tiers are behind
-            self._pending_bytes += nbytes
-            self._pending_jobs += 1
-        remaining = [len(self._writers)]
-        lock = threading.Lock()
+            for j, tier in enumerate(self.tiers[1:]):
+                behind = lambda: self._tier_pending[j] and self._tier_pending[j] + nbytes > self.max_pending_bytes
+                if getattr(tier, "drop_when_behind", False):
+                    if behind():
+                        self.counters.add(dropped_writes=len(chunks))
+                        continue
+                else:
+                    while behind():
+                        self._cond.wait()
+                self._tier_pending[j] += nbytes
+                targets.append(j)
+            if targets:
+                self._pending_jobs += 1
+        if not targets:
+            if pinned_keys:
+                self.tiers[0].unpin(pinned_keys)
+            return
+        remaining = [len(targets)]
 
-        def done() -> None:
-            with lock:
+        def done(j: int) -> None:
+            with self._cond:
+                self._tier_pending[j] -= nbytes
                 remaining[0] -= 1
                 last = remaining[0] == 0
-            if last:
-                if pinned_keys:
-                    self.tiers[0].unpin(pinned_keys)
-                with self._cond:
-                    self._pending_bytes -= nbytes
+                if last:
                     self._pending_jobs -= 1
-                    self._cond.notify_all()
+                self._cond.notify_all()
+            if last and pinned_keys:
+                self.tiers[0].unpin(pinned_keys)
 
-        for tier, writer in zip(self.tiers[1:], self._writers):
-            writer.submit(self._write, tier, chunks, done)
+        for j in targets:
+            self._writers[j].submit(self._write, self.tiers[j + 1], chunks, lambda j=j: done(j))
 
     def _write(self, tier: Tier, chunks: list[Chunk], done) -> None:
         try:
@@ -270,7 +286,7 @@ class TieredStore:
         copy = _copy(victim)
         nbytes = copy.nbytes
         with self._cond:
-            self._pending_bytes += nbytes
+            self._tier_pending[0] += nbytes
             self._pending_jobs += 1
             self._demoting[copy.key] = copy
 
@@ -278,7 +294,7 @@ class TieredStore:
             with self._cond:
                 if self._demoting.get(copy.key) is copy:
                     del self._demoting[copy.key]
-                self._pending_bytes -= nbytes
+                self._tier_pending[0] -= nbytes
                 self._pending_jobs -= 1
                 self._cond.notify_all()
 
@@ -315,7 +331,7 @@ class TieredStore:
     def stats(self) -> dict:
         return {
             "store": self.counters.snapshot(),
-            "pending_bytes": self._pending_bytes,
+            "pending_bytes": sum(self._tier_pending),
             "tiers": {t.name: {"usage": t.usage(), "stats": t.stats.snapshot()} for t in self.tiers},
         }
 

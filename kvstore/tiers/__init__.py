@@ -1,7 +1,8 @@
-"""Storage tiers behind one batch-first protocol: memory (GPU or CPU) and disk; remote tiers join later."""
+"""Storage tiers behind one batch-first protocol: memory (GPU or CPU), disk, and Redis (remote)."""
 
 from kvstore.tiers.base import Tier, TierStats, TierUsage
 from kvstore.tiers.disk import DiskTier, VerifyReport
 from kvstore.tiers.memory import MemoryTier
+from kvstore.tiers.redis import RedisTier
 
-__all__ = ["DiskTier", "MemoryTier", "Tier", "TierStats", "TierUsage", "VerifyReport"]
+__all__ = ["DiskTier", "MemoryTier", "RedisTier", "Tier", "TierStats", "TierUsage", "VerifyReport"]

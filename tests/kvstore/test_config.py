@@ -206,3 +206,27 @@ def test_configs_are_frozen():
     cfg = StoreConfig()
     with pytest.raises(Exception):
         cfg.chunk_tokens = 5  # type: ignore[misc]
+
+
+def test_redis_section_adds_the_remote_tier_last(tmp_path):
+    from kvstore.config import build_store
+
+    cfg = load_config(overrides={"redis.url": "redis://127.0.0.1:1/0", "redis.timeout": "0.3", "redis.ttl_seconds": "60",
+                                 "disk.path": str(tmp_path)})
+    assert cfg.redis.url == "redis://127.0.0.1:1/0" and cfg.redis.timeout == 0.3 and cfg.redis.ttl_seconds == 60
+    store = build_store(cfg)
+    try:
+        assert [t.name for t in store.tiers] == ["cpu", "disk", "redis"]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"redis.cluster": "true"}, "needs a url"),
+    ({"redis.url": "http://x"}, "redis:// "),
+    ({"redis.url": "redis://h:1/0", "redis.timeout": "soon"}, "must be a number"),
+    ({"redis.url": "redis://h:1/0", "redis.codec": "gzip"}, "redis.codec"),
+])
+def test_bad_redis_settings(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides)
