@@ -1,6 +1,7 @@
 """`kvstore demo`: the store's own demonstration on real KV from a real model.
 
-It prefills a document with the project's shipped model, stores the KV chunks in the configured store
+It prefills a document with the project's shipped model (a seeded random-weight Llama when the model's
+files are absent), stores the KV chunks in the configured store
 (with a memory tier deliberately too small, so chunks are evicted and written back to disk), "restarts"
 by opening a fresh store on the same directory, looks the document up again, reads every chunk back,
 and checks each one against a fresh prefill, bit for bit where the codec is lossless.
@@ -28,12 +29,36 @@ def _document_text() -> str:
     return "\n\n".join(m.__doc__.strip() for m in mods) * 2
 
 
+class _ByteTokenizer:
+    """Token ids = UTF-8 bytes: enough to feed real text to the stand-in model below."""
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": list(text.encode())}
+
+
+def _stand_in_model():
+    """A seeded, randomly initialized Llama (4 layers, GQA): real KV from a real transformers model,
+    used only when the shipped model's files are not in the checkout."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
+    return LlamaForCausalLM(cfg).eval(), _ByteTokenizer(), "random-llama (stand-in)"
+
+
 def _load_model():
+    """The project's shipped model; a seeded stand-in when its files are absent."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from connectors.shipped_model import shipped_model_path
+    try:
+        from connectors.shipped_model import shipped_model_path
 
-    path = shipped_model_path()
+        path = shipped_model_path()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(path)
+    except (ImportError, FileNotFoundError):
+        return _stand_in_model()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path)
     return model, tok, path.name
@@ -43,7 +68,7 @@ def run_demo(config: StoreConfig, echo: Callable[[str], None] = print) -> int:
     from connectors.hf import kv_layout, model_fingerprint, prefill_kv
 
     t0 = time.perf_counter()
-    echo("[1/5] loading the shipped model ...")
+    echo("[1/5] loading the model ...")
     model, tokenizer, model_name = _load_model()
     fingerprint = model_fingerprint(model)
     text = _document_text()
