@@ -19,6 +19,20 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
     return statistics.median(times)
 
 
+def paired(ours: Callable[[], object], ceiling: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median seconds of `ours` and `ceiling`, run alternately so both see the same machine state."""
+    ours(), ceiling()
+    a, b = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        ours()
+        a.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        ceiling()
+        b.append(time.perf_counter() - t)
+    return statistics.median(a), statistics.median(b)
+
+
 def print_table(headers: list[str], rows: list[list[object]]) -> None:
     cells = [[str(h) for h in headers]] + [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Callable
 
 import torch
 
-from benchmarks.common import print_table, write_json
+from benchmarks.common import paired, print_table, write_json
 from kernels import PagedLayout, RopeSpec, gather_paged, gather_rows, rerotate_keys, scatter_paged
 from kernels.dispatch import resolve_backend
 
@@ -45,16 +44,7 @@ Timer = Callable[[Callable[[], object], Callable[[], object]], tuple[float, floa
 
 def cpu_timer(repeats: int) -> Timer:
     def timed(op: Callable[[], object], copy: Callable[[], object]) -> tuple[float, float]:
-        op(), copy()
-        a, b = [], []
-        for _ in range(repeats):  # alternate, so both see the same machine state
-            t = time.perf_counter()
-            op()
-            a.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            copy()
-            b.append(time.perf_counter() - t)
-        return statistics.median(a), statistics.median(b)
+        return paired(op, copy, repeats)
 
     return timed
 

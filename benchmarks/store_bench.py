@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import median_seconds, print_table, write_json
+from benchmarks.common import median_seconds, paired, print_table, write_json
 from codec import make_codec
 from kvstore.chunk import Chunk
 from kvstore.keys import chunk_refs
@@ -39,20 +39,6 @@ def make_chunks(shape, n: int, seed: int) -> list[Chunk]:
     refs = chunk_refs(np.arange(n * shape[2]) + seed * 10_000_000, namespace="bench", model="bench", chunk_tokens=shape[2])
     # Distinct keys, shared content: content does not change the cost of raw moves.
     return [Chunk.from_ref(r, kv) for r in refs]
-
-
-def paired(ours, ceiling, repeats: int) -> tuple[float, float]:
-    """Median seconds of `ours` and `ceiling`, run alternately so both see the same machine state."""
-    ours(), ceiling()
-    a, b = [], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        ours()
-        a.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        ceiling()
-        b.append(time.perf_counter() - t)
-    return float(np.median(a)), float(np.median(b))
 
 
 def bench_memory(shape, repeats: int) -> dict:

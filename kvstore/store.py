@@ -28,7 +28,7 @@ import torch
 
 from kvstore.chunk import Chunk
 from kvstore.keys import ChunkKey, ChunkKind, ChunkRef, chunk_refs
-from kvstore.tiers.base import Tier, TierStats
+from kvstore.tiers.base import Tier
 from kvstore.tiers.memory import MemoryTier
 
 log = logging.getLogger(__name__)
