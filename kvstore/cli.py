@@ -1,4 +1,4 @@
-"""The `kvstore` command line: `stats`, `verify`, `clear`, `demo`.
+"""The `kvstore` command line: `stats`, `verify`, `clear`, `demo`, `serve`.
 
 Configuration comes from `--config FILE` (TOML), the environment (`KVSTORE_*`) and `--set
 section.field=value`; see `kvstore.config`. Exit codes: 0 success, 1 a check failed (verify found bad
@@ -93,6 +93,12 @@ def cmd_demo(config: StoreConfig, args) -> int:
     return run_demo(config)
 
 
+def cmd_serve(config: StoreConfig, args) -> int:
+    from kvstore.service import serve
+
+    return serve(config, host=args.host, port=args.port, insecure_no_auth=args.insecure_no_auth)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvstore", description="KV-cache store for LLM inference.")
     p.add_argument("--config", help="TOML config file (default: $KVSTORE_CONFIG, else built-in defaults)")
@@ -106,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--namespace", help="only this namespace")
     c.set_defaults(func=cmd_clear)
     sub.add_parser("demo", help="store, evict, restart and read back real KV of the shipped model").set_defaults(func=cmd_demo)
+    s = sub.add_parser("serve", help="run the sidecar HTTP service over the configured store (docs/SERVICE.md)")
+    s.add_argument("--host", help="address to listen on (default: server.host, 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port to listen on (default: server.port, 8420)")
+    s.add_argument("--insecure-no-auth", action="store_true",
+                   help="serve without bearer tokens (only when no server.tokens_file is set; loopback only)")
+    s.set_defaults(func=cmd_serve)
     return p
 
 

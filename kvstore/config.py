@@ -15,6 +15,12 @@ File format:
     codec = "zstd"
     [redis]                     # optional remote tier, last in the order
     url = "redis://127.0.0.1:6379/0"
+    [sidecar]                   # optional remote tier: another `kvstore serve` over HTTP, after [redis]
+    url = "http://10.0.0.5:8420"
+    token = "..."
+    [server]                    # `kvstore serve` (see docs/SERVICE.md)
+    port = 8420
+    tokens_file = "/etc/kvstore/tokens.toml"
 
 Nothing below the edge reads the environment; `build_store(config)` turns a config into tiers.
 """
@@ -113,6 +119,45 @@ class RedisConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SidecarConfig:
+    url: str = ""  # http(s)://host:port of a `kvstore serve`
+    token: str = field(default="", repr=False)  # bearer token; KVSTORE_SIDECAR_TOKEN keeps it out of files
+    codec: str = "zstd"  # how puts travel; the sidecar stores them with its own disk codec
+    codec_level: int | None = None
+    timeout: float = 1.0  # seconds per request before the tier counts as down
+    retry_after: float = 2.0  # seconds a down tier answers misses before trying again
+    max_batch_keys: int = 256  # keys per request; keep <= the server's max_batch_keys
+
+    def __post_init__(self) -> None:
+        if not re.match(r"^https?://[^/\s]+", self.url):
+            raise ConfigError(f"sidecar.url must be an http:// or https:// URL, got {self.url!r}")
+        if self.timeout <= 0 or self.retry_after < 0 or self.max_batch_keys <= 0:
+            raise ConfigError("sidecar.timeout and sidecar.max_batch_keys must be > 0, sidecar.retry_after >= 0")
+        from codec import codec_names
+
+        if self.codec not in codec_names():
+            raise ConfigError(f"sidecar.codec {self.codec!r} is not one of {', '.join(codec_names())}")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """`kvstore serve`: where it listens, who may call it, and the bounds on every request."""
+
+    host: str = "127.0.0.1"
+    port: int = 8420
+    tokens_file: Path | None = None  # TOML or JSON: bearer token -> namespaces (see docs/SERVICE.md)
+    max_body_bytes: int = 256 << 20  # one record, or one JSON body
+    max_batch_keys: int = 1024  # keys (or records) in one batch request
+    request_timeout_s: float = 30.0  # a request still running after this answers 503
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"server.port must be in [0, 65535], got {self.port}")
+        if self.max_body_bytes <= 0 or self.max_batch_keys <= 0 or self.request_timeout_s <= 0:
+            raise ConfigError("server.max_body_bytes, server.max_batch_keys and server.request_timeout_s must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
 class StoreConfig:
     chunk_tokens: int = 256
     namespace: str = "default"
@@ -123,6 +168,8 @@ class StoreConfig:
     gpu: MemoryConfig | None = None
     disk: DiskConfig | None = field(default_factory=DiskConfig)
     redis: RedisConfig | None = None
+    sidecar: SidecarConfig | None = None
+    server: ServerConfig = field(default_factory=ServerConfig)  # used by `kvstore serve` only
 
     def __post_init__(self) -> None:
         if not 1 <= self.chunk_tokens <= 1 << 16:
@@ -132,14 +179,18 @@ class StoreConfig:
             raise ConfigError("at least one tier must be configured")
 
 
-_SECTIONS = {"memory": MemoryConfig, "gpu": MemoryConfig, "disk": DiskConfig, "redis": RedisConfig}
-_SIZE_FIELDS = {"capacity", "max_pending_bytes"}
+_SECTIONS = {"memory": MemoryConfig, "gpu": MemoryConfig, "disk": DiskConfig, "redis": RedisConfig,
+             "sidecar": SidecarConfig, "server": ServerConfig}
+_SIZE_FIELDS = {"capacity", "max_pending_bytes", "max_body_bytes"}
+_PATH_FIELDS = {"path", "tokens_file"}
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
     if name in _SIZE_FIELDS:
         return parse_size(value)
-    if name == "path":
+    if name in _PATH_FIELDS:
+        if name == "tokens_file" and value in (None, ""):
+            return None
         return Path(str(value)).expanduser()
     if name == "codec_level":
         if value in (None, "", "none"):
@@ -232,10 +283,14 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
             top[k] = v
     defaults = StoreConfig()
     for s, values in sections.items():
+        if values is None and s == "server":
+            raise ConfigError("[server] cannot be disabled (it only applies to `kvstore serve`)")
         if values is None:
             top[s] = None
         elif s == "redis" and "url" not in values:
             raise ConfigError("[redis] needs a url (e.g. redis://127.0.0.1:6379/0)")
+        elif s == "sidecar" and "url" not in values:
+            raise ConfigError("[sidecar] needs a url (e.g. http://127.0.0.1:8420)")
         elif s == "gpu" and "device" not in values:
             top[s] = _build(MemoryConfig, {"device": "cuda", **values}, f"[{s}]")
         else:
@@ -249,10 +304,10 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
 
 
 def build_store(config: StoreConfig):
-    """The `TieredStore` a config describes: GPU tier, then CPU memory, then disk, where configured."""
+    """The `TieredStore` a config describes: GPU tier, then CPU memory, disk, Redis, sidecar, where configured."""
     from codec import make_codec
     from kvstore.store import TieredStore
-    from kvstore.tiers import DiskTier, MemoryTier, RedisTier
+    from kvstore.tiers import DiskTier, HttpTier, MemoryTier, RedisTier
 
     tiers = []
     if config.gpu is not None:
@@ -266,6 +321,10 @@ def build_store(config: StoreConfig):
         r = config.redis
         tiers.append(RedisTier(r.url, make_codec(r.codec, r.codec_level), cluster=r.cluster, prefix=r.prefix,
                                ttl_seconds=r.ttl_seconds or None, timeout=r.timeout, retry_after=r.retry_after))
+    if config.sidecar is not None:
+        c = config.sidecar
+        tiers.append(HttpTier(c.url, c.token, make_codec(c.codec, c.codec_level), timeout=c.timeout,
+                              retry_after=c.retry_after, max_batch_keys=c.max_batch_keys))
     return TieredStore(
         tiers,
         chunk_tokens=config.chunk_tokens,

@@ -230,3 +230,43 @@ def test_redis_section_adds_the_remote_tier_last(tmp_path):
 def test_bad_redis_settings(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=overrides)
+
+
+def test_sidecar_section_adds_the_http_tier_last(tmp_path):
+    from kvstore.tiers import HttpTier
+
+    cfg = load_config(env={"KVSTORE_SIDECAR_TOKEN": "s3cret"},
+                      overrides={"sidecar.url": "http://127.0.0.1:1", "sidecar.timeout": "0.3", "sidecar.codec": "raw",
+                                 "disk.path": str(tmp_path), "memory.capacity": "1MiB"})
+    assert cfg.sidecar.url == "http://127.0.0.1:1" and cfg.sidecar.timeout == 0.3 and cfg.sidecar.token == "s3cret"
+    assert "s3cret" not in repr(cfg)
+    store = build_store(cfg)
+    try:
+        assert [t.name for t in store.tiers] == ["cpu", "disk", "sidecar"]
+        assert isinstance(store.tiers[2], HttpTier) and isinstance(store.tiers[2].codec, RawCodec)
+    finally:
+        store.close()
+
+
+def test_server_section(tmp_path):
+    from kvstore.config import ServerConfig
+
+    assert load_config(env={}).server == ServerConfig()
+    p = write(tmp_path, f'[server]\nhost = "0.0.0.0"\nport = 9000\ntokens_file = "{tmp_path / "t.toml"}"\n'
+                        'max_body_bytes = "1MiB"\nmax_batch_keys = 16\nrequest_timeout_s = 2.5\n')
+    cfg = load_config(p, env={"KVSTORE_SERVER_PORT": "9001"})
+    assert cfg.server == ServerConfig("0.0.0.0", 9001, tmp_path / "t.toml", 1 << 20, 16, 2.5)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"sidecar.token": "x"}, "needs a url"),
+    ({"sidecar.url": "redis://h:1"}, "http:// or https://"),
+    ({"sidecar.url": "http://h:1", "sidecar.timeout": "0"}, "sidecar.timeout"),
+    ({"server.port": "70000"}, "server.port"),
+    ({"server.max_body_bytes": "0"}, "max_body_bytes"),
+    ({"server.enabled": "false"}, "cannot be disabled"),
+    ({"server.nope": "1"}, "nope"),
+])
+def test_bad_server_and_sidecar_settings(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(env={}, overrides=overrides)
