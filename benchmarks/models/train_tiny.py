@@ -65,7 +65,7 @@ class TrainConfig:
     rope_theta: float = 10000.0
     # schedule
     max_steps: int = 8000
-    phase1_frac: float = 0.45
+    phase1_frac: float = 0.35
     seq1: int = 256
     batch1: int = 8
     seq2: int = 1024
@@ -210,7 +210,7 @@ class Rows:
         cfg = self.cfg
         if phase == 1:
             T, B = cfg.seq1, cfg.batch1
-            kinds = ["text"] * (B // 2) + ["copy", "recall", "fact_short", "copy"] * B
+            kinds = ["text"] * (B // 2) + ["copy", "fact_short", "recall", "fact_short"] * B
         else:
             T, B = cfg.seq2, cfg.batch2
             kinds = ["text"] * (B // 2) + ["fact_long"] * B
