@@ -33,6 +33,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from functools import partial
 from importlib import resources
 from pathlib import Path
@@ -85,32 +86,60 @@ class Grant:
     """What one token may touch: a set of namespaces, or all of them (None)."""
 
     namespaces: frozenset[str] | None
+    expires: datetime | None = None  # aware; None: never
 
     def allows(self, namespace: str) -> bool:
         return self.namespaces is None or namespace in self.namespaces
 
+    def expired(self, now: datetime) -> bool:
+        return self.expires is not None and now >= self.expires
+
 
 OPEN = Grant(None)  # --insecure-no-auth
+
+
+def _parse_expiry(value, token: str) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ConfigError(f"token {token[:4]}...: expires {value!r} is not an RFC 3339 time") from None
+    if not isinstance(value, datetime):
+        raise ConfigError(f"token {token[:4]}...: expires must be a date-time")
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
 
 
 class TokenTable:
     """Bearer token -> `Grant`. Tokens are kept as SHA-256 digests, so a lookup leaks nothing by timing.
 
     File format (TOML, or JSON when the name ends in .json): a table `tokens` mapping each token to the
-    list of namespaces it may use; `"*"` in the list grants every namespace.
+    list of namespaces it may use (`"*"` grants every namespace), or to a table `{namespaces = [...],
+    expires = 2026-12-31T00:00:00Z}` for a token that stops working at that time (RFC 3339; UTC if no
+    offset is given).
     """
 
     def __init__(self, tokens: dict[str, list[str]]) -> None:
         self._grants: dict[bytes, Grant] = {}
-        for token, namespaces in tokens.items():
+        for token, entry in tokens.items():
             if not isinstance(token, str) or not token or not token.isprintable() or " " in token:
                 raise ConfigError("every token must be a non-empty printable string without spaces")
+            expires = None
+            if isinstance(entry, dict):
+                unknown = set(entry) - {"namespaces", "expires"}
+                if unknown or "namespaces" not in entry:
+                    raise ConfigError(f"token {token[:4]}...: a table takes `namespaces` and optionally `expires`")
+                expires = _parse_expiry(entry.get("expires"), token)
+                namespaces = entry["namespaces"]
+            else:
+                namespaces = entry
             if not isinstance(namespaces, list) or not all(isinstance(n, str) for n in namespaces):
                 raise ConfigError(f"the namespaces of token {token[:4]}... must be a list of strings")
             for n in namespaces:
                 if n != ALL_NAMESPACES:
                     validate_namespace(n)
-            grant = Grant(None) if ALL_NAMESPACES in namespaces else Grant(frozenset(namespaces))
+            grant = Grant(None if ALL_NAMESPACES in namespaces else frozenset(namespaces), expires)
             self._grants[self._digest(token)] = grant
 
     @staticmethod
@@ -282,6 +311,8 @@ class Service:
         grant = self.tokens.grant(token.strip())
         if grant is None:
             raise ApiError(401, "unknown bearer token", challenge)
+        if grant.expired(datetime.now(timezone.utc)):
+            raise ApiError(401, f"bearer token expired at {grant.expires.isoformat()}", challenge)
         return grant
 
     @staticmethod

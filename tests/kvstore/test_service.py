@@ -26,7 +26,9 @@ from tests.support.service import ServeProcess, ServiceThread
 
 CT = 16
 SHAPE = (2, 2, CT, 2, 8)  # [L, 2, T, H, D]: 2 KiB in fp16
-TOKENS = {"tok-a": ["a"], "tok-b": ["b"], "tok-admin": ["*"]}
+TOKENS = {"tok-a": ["a"], "tok-b": ["b"], "tok-admin": ["*"],
+          "tok-old": {"namespaces": ["a"], "expires": "2020-01-01T00:00:00Z"},
+          "tok-dated": {"namespaces": ["a"], "expires": "2999-01-01T00:00:00+00:00"}}
 LIMITS = ServerConfig(max_body_bytes=64 << 10, max_batch_keys=8, request_timeout_s=5.0)
 
 
@@ -208,6 +210,10 @@ def test_missing_or_wrong_token_is_401(server, a):
             assert "token" in error_of(r)
     r = a("GET", "/metrics", headers={"Authorization": "Basic dG9rLWE6"}, token=None)
     assert r.status == 401
+    # An expired token is refused with a message that says so; one that expires later works.
+    r = a("GET", record_path(c.key), token="tok-old")
+    assert r.status == 401 and "expired" in error_of(r)
+    assert a("GET", record_path(c.key), token="tok-dated").status == 404
     # Public endpoints need no token.
     h = a("GET", "/healthz", token=None)
     assert h.status == 200 and json.loads(h.data) == {"status": "ok", "chunk_tokens": CT}
@@ -489,3 +495,24 @@ def test_insecure_no_auth_allows_everything(store):
         assert client("GET", "/metrics").status == 200
     finally:
         svc.stop()
+
+
+def test_tokens_file_expiry_formats(tmp_path):
+    from datetime import datetime, timezone
+
+    from kvstore.errors import ConfigError
+    from kvstore.service import TokenTable
+
+    f = tmp_path / "tokens.toml"
+    f.write_text('[tokens]\n"t1" = { namespaces = ["a"], expires = 2020-01-01T00:00:00Z }\n'
+                 '"t2" = { namespaces = ["b"], expires = 2999-01-01T00:00:00 }\n"t3" = ["c"]\n')
+    table = TokenTable.load(f)
+    now = datetime.now(timezone.utc)
+    assert table.grant("t1").expired(now) and not table.grant("t2").expired(now) and not table.grant("t3").expired(now)
+    assert table.grant("t2").expires.tzinfo is not None  # a time without offset is taken as UTC
+    f.write_text('[tokens]\n"t1" = { namespaces = ["a"], expires = "next week" }\n')
+    with pytest.raises(ConfigError, match="RFC 3339"):
+        TokenTable.load(f)
+    f.write_text('[tokens]\n"t1" = { namespace = ["a"] }\n')
+    with pytest.raises(ConfigError, match="namespaces"):
+        TokenTable.load(f)
