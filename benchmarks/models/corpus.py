@@ -299,6 +299,22 @@ def make_question(p: Person, world: World, relation: str) -> Question:
 RELATIONS_1HOP = ("born", "profession", "city_country")
 
 
+def candidate_targets(world: World, q: Question) -> tuple[str, ...]:
+    """Every target of the question's form that the prompt makes plausible, sorted; one is ``q.target``.
+
+    1 hop: one per distinct value of the relation stated in the prompt. 2 hops: the full chain
+    through each distinct birth city, so choosing the right chain needs the first hop.
+    """
+    if q.relation == "born":
+        return tuple(sorted({f" {p.city}." for p in world.people}))
+    if q.relation == "profession":
+        return tuple(sorted({f" {p.profession}." for p in world.people}))
+    if q.relation == "city_country":
+        return tuple(sorted({f" {k}." for _, k in world.city_country}))
+    return tuple(sorted({f" {p.city}. The city of {p.city} lies in {world.country_of(p.city)}."
+                         for p in world.people}))
+
+
 def chance_level(world: World, q: Question) -> float:
     """1 / number of distinct candidates of the answer's type stated in the prompt."""
     if q.relation == "born":

@@ -11,7 +11,8 @@ Owns:
 * ``write_heldout`` / ``load_rag`` / ``load_continuations``: the committed JSONL files under
   ``benchmarks/models/heldout/``.
 * scoring: ``rag_accuracy`` (teacher-forced greedy exact match of the whole target, which equals greedy
-  decoding of ``len(target)`` tokens), ``text_loss``, ``induction_score``; ``python -m
+  decoding of ``len(target)`` tokens), ``choice_accuracy`` (multiple choice among the candidates of
+  the answer's type stated in the prompt: chance is 1 / candidates), ``text_loss``, ``induction_score``; ``python -m
   benchmarks.models.evalset --model DIR`` prints them all as JSON.
 
 Everything is deterministic given the seed and the tokenizer.
@@ -20,6 +21,7 @@ Everything is deterministic given the seed and the tokenizer.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -47,7 +49,8 @@ class RagExample:
     answer: str  # the final entity, e.g. " Varnhold"
     hops: int
     relation: str
-    chance: float
+    chance: float  # 1 / distinct values of the answer's type stated in the prompt
+    candidates: tuple[str, ...] = ()  # plausible targets (one is ``target``), for multiple choice
 
     def prompt(self) -> str:
         """Passages, a blank line between each, then the question and the answer's opening words."""
@@ -91,7 +94,8 @@ def build_rag_examples(tokenizer, n_one_hop: int, n_two_hop: int, seed: int = EV
             rng.shuffle(passages)
             q = corpus.make_question(rng.choice(world.people), world, relation)
             ex = RagExample(len(out), tuple(passages), q.question, q.prompt_tail, q.target, q.answer,
-                            q.hops, q.relation, corpus.chance_level(world, q))
+                            q.hops, q.relation, corpus.chance_level(world, q),
+                            corpus.candidate_targets(world, q))
             if 4 <= len(passages) <= 8 and _ntok(tokenizer, ex.prompt()) <= MAX_PROMPT_TOKENS:
                 out.append(ex)
                 break
@@ -128,7 +132,8 @@ def write_heldout(tokenizer, out_dir: Path = HELDOUT_DIR, n_one_hop: int = 120, 
 
 def load_rag(path: Path = HELDOUT_DIR / RAG_FILE) -> list[RagExample]:
     rows = [json.loads(line) for line in open(path)]
-    return [RagExample(**{**r, "passages": tuple(r["passages"])}) for r in rows]
+    return [RagExample(**{**r, "passages": tuple(r["passages"]), "candidates": tuple(r.get("candidates", ()))})
+            for r in rows]
 
 
 def load_continuations(path: Path = HELDOUT_DIR / CONT_FILE) -> list[Continuation]:
@@ -152,6 +157,38 @@ def target_match(model, tokenizer, ex: RagExample) -> tuple[bool, float]:
     tgt = torch.tensor(t)
     nll = torch.nn.functional.cross_entropy(logits, tgt).item()
     return bool((logits.argmax(-1) == tgt).all()), nll
+
+
+@torch.no_grad()
+def choose_candidate(model, tokenizer, ex: RagExample) -> tuple[bool, list[float]]:
+    """Multiple choice: (the most likely of ``ex.candidates`` is the target, summed log-prob of each).
+
+    The prompt is run once; each candidate is scored on a copy of its KV cache.
+    """
+    p = tokenizer(ex.prompt(), add_special_tokens=False)["input_ids"]
+    out = model(input_ids=torch.tensor([p]), use_cache=True)
+    last = out.logits[0, -1].float().log_softmax(-1)  # [V]
+    scores = []
+    for cand in ex.candidates:
+        c = tokenizer(cand, add_special_tokens=False)["input_ids"]
+        lp = last[c[0]].item()
+        if len(c) > 1:
+            cache = copy.deepcopy(out.past_key_values)
+            lg = model(input_ids=torch.tensor([c[:-1]]), past_key_values=cache, use_cache=True).logits[0]
+            lp += lg.float().log_softmax(-1).gather(1, torch.tensor(c[1:])[:, None]).sum().item()  # [C-1, V]
+        scores.append(lp)
+    best = max(range(len(scores)), key=scores.__getitem__)
+    return ex.candidates[best] == ex.target, scores
+
+
+def choice_accuracy(model, tokenizer, examples: list[RagExample]) -> dict:
+    """Multiple-choice accuracy and its chance (1 / number of candidates) per hop count."""
+    by: dict[int, list] = {}
+    for ex in examples:
+        ok, _ = choose_candidate(model, tokenizer, ex)
+        by.setdefault(ex.hops, []).append((ok, 1.0 / len(ex.candidates)))
+    return {str(h): {"n": len(v), "accuracy": sum(o for o, _ in v) / len(v), "chance": sum(c for _, c in v) / len(v)}
+            for h, v in sorted(by.items())}
 
 
 def rag_accuracy(model, tokenizer, examples: list[RagExample]) -> dict:
@@ -200,6 +237,7 @@ def evaluate(model, tokenizer, rag: list[RagExample], conts: list[Continuation])
     passages = [p for ex in rag[:40] for p in ex.passages[:1]]
     out = {
         "rag": rag_accuracy(model, tokenizer, rag),
+        "rag_choice": choice_accuracy(model, tokenizer, rag),
         "loss_heldout_text": text_loss(model, tokenizer, [c.prefix + c.continuation for c in conts]),
         "loss_heldout_passages": text_loss(model, tokenizer, passages),
         "induction": induction_score(model, model.config.vocab_size),

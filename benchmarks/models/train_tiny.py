@@ -16,9 +16,11 @@ AdamW, linear warm-up then cosine decay, gradient clipping. Data order and init 
 The schedule runs on progress ``p = max(step / max_steps, elapsed / budget)``: phase 2 starts at
 ``p >= phase1_frac``, the cosine follows ``p``, training stops at ``p >= 1``. On an idle machine fast
 enough for ``max_steps`` the run is fully step-determined; on a slower or shared one it still finishes
-its schedule inside ``minutes`` (the whole run, data preparation and final evaluation included). A checkpoint (bf16 safetensors + tokenizer, HF format) is written at
-every evaluation, so a usable model exists at any time. The log goes to ``train_tiny.log`` beside this
-file. Run: ``python -m benchmarks.models.train_tiny [--minutes N] [--out DIR]``.
+its schedule inside ``minutes`` (the whole run, data preparation and final evaluation included).
+Intra-op threads adapt between 1 and 2 by measured speed (``ThreadPicker``), so a rerun draws the same
+data and initialisation but is not bit-identical. A checkpoint (bf16 safetensors + tokenizer, HF format)
+is written at every evaluation, so a usable model exists at any time. The log goes to
+``train_tiny.log`` beside this file. Run: ``python -m benchmarks.models.train_tiny [--minutes N] [--out DIR]``.
 """
 
 from __future__ import annotations
@@ -190,7 +192,7 @@ class Rows:
         ids, w = [], []
         while True:
             body, qs = corpus.fact_training_doc(self.rng, short)
-            d_ids, d_w = self._enc(body + "\n\n"), None
+            d_ids = self._enc(body + "\n\n")
             d_w = [1.0] * len(d_ids)
             for q in qs:
                 a, b = self._enc(q.prompt_tail), self._enc(q.target) + self.nl
@@ -203,7 +205,8 @@ class Rows:
             ids += d_ids
             w += d_w
         fill, _ = self.text_row(T - len(ids)) if len(ids) < T else (torch.zeros(0, dtype=torch.long), None)
-        return torch.cat([torch.tensor(ids, dtype=torch.long), fill]), torch.cat([torch.tensor(w), torch.ones(len(fill))])
+        ids_t = torch.cat([torch.tensor(ids, dtype=torch.long), fill])  # [T]
+        return ids_t, torch.cat([torch.tensor(w), torch.ones(len(fill))])  # [T], [T]
 
     def batch(self, phase: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids [B, T] int64, weights [B, T] float32); at least half of the rows are ordinary text."""
