@@ -49,19 +49,13 @@ def _stand_in_model():
 
 def _load_model():
     """The project's shipped model; a seeded stand-in when its files are absent."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from connectors.shipped_model import load_shipped_model, shipped_model_path
 
     try:
-        from connectors.shipped_model import shipped_model_path
-
-        path = shipped_model_path()
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(path)
-    except (ImportError, FileNotFoundError):
+        model, tok = load_shipped_model(torch.float32)
+    except FileNotFoundError:
         return _stand_in_model()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(path)
-    return model, tok, path.name
+    return model, tok, shipped_model_path().name
 
 
 def run_demo(config: StoreConfig, echo: Callable[[str], None] = print) -> int:

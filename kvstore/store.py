@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -28,14 +28,14 @@ import torch
 
 from kvstore.chunk import Chunk
 from kvstore.keys import ChunkKey, ChunkKind, ChunkRef, chunk_refs
-from kvstore.tiers.base import Tier
+from kvstore.tiers.base import Counters, Tier
 from kvstore.tiers.memory import MemoryTier
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
-class StoreCounters:
+class StoreCounters(Counters):
     lookups: int = 0
     lookup_tokens: int = 0
     lookup_hit_tokens: int = 0
@@ -46,16 +46,6 @@ class StoreCounters:
     async_writes: int = 0
     async_failures: int = 0
     dropped_writes: int = 0  # chunks a remote tier skipped because it was behind
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, **deltas: int) -> None:
-        with self._lock:
-            for k, v in deltas.items():
-                setattr(self, k, getattr(self, k) + v)
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return {k: getattr(self, k) for k in self.__slots__ if not k.startswith("_")}
 
 
 class TieredStore:
@@ -218,7 +208,7 @@ class TieredStore:
         with self._cond:
             for j, tier in enumerate(self.tiers[1:]):
                 behind = lambda: self._tier_pending[j] and self._tier_pending[j] + nbytes > self.max_pending_bytes
-                if getattr(tier, "drop_when_behind", False):
+                if tier.drop_when_behind:
                     if behind():
                         self.counters.add(dropped_writes=len(chunks))
                         continue

@@ -13,17 +13,20 @@ Guarantees every tier gives:
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
 
 from kvstore.chunk import Chunk
 from kvstore.keys import ChunkKey
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +38,23 @@ class TierUsage:
 
 
 @dataclass(slots=True)
-class TierStats:
+class Counters:
+    """Thread-safe counters: subclasses declare numeric fields; `add` and `snapshot` handle the lock."""
+
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **deltas: float) -> None:
+        with self._lock:
+            for name, value in deltas.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+
+
+@dataclass(slots=True)
+class TierStats(Counters):
     """Counters of one tier. Latencies are sums of seconds; divide by the call counts."""
 
     hits: int = 0
@@ -51,16 +70,9 @@ class TierStats:
     put_calls: int = 0
     get_seconds: float = 0.0
     put_seconds: float = 0.0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, **deltas: float) -> None:
-        with self._lock:
-            for name, value in deltas.items():
-                setattr(self, name, getattr(self, name) + value)
 
     def snapshot(self) -> dict[str, float]:
-        with self._lock:
-            d = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+        d = Counters.snapshot(self)
         looked = d["hits"] + d["misses"]
         d["hit_rate"] = d["hits"] / looked if looked else 0.0
         d["get_ms_avg"] = 1e3 * d["get_seconds"] / d["get_calls"] if d["get_calls"] else 0.0
@@ -88,6 +100,8 @@ class Tier(ABC):
     name: str
     stats: TierStats
     on_evict: EvictCallback | None = None
+    # True for tiers across a network: when behind, the store drops their writes instead of waiting.
+    drop_when_behind: ClassVar[bool] = False
 
     @abstractmethod
     def contains(self, keys: Sequence[ChunkKey], tokens: Sequence[np.ndarray] | None = None) -> list[bool]:
@@ -118,3 +132,22 @@ class Tier(ABC):
 
     def close(self) -> None:
         """Release resources; the tier answers no more calls after this."""
+
+
+class RemoteTier(Tier):
+    """A tier across the network (Redis, a sidecar). Degrade, don't fail: after a failed call the tier
+    counts as down for `retry_after` seconds, during which callers answer misses and drop puts at once;
+    the first call after that tries again."""
+
+    drop_when_behind = True
+    url: str
+    retry_after: float
+    _down_until: float = 0.0
+
+    def available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _failed(self, what: str, e: Exception) -> None:
+        self._down_until = time.monotonic() + self.retry_after  # one float store: atomic, no lock needed
+        self.stats.add(errors=1)
+        log.warning("%s tier %s: %s failed (%s); treating it as down for %.1f s", self.name, self.url, what, e, self.retry_after)

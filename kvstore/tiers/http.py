@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-import time
 from typing import Any, Sequence
 from urllib.parse import quote
 
@@ -33,7 +31,7 @@ from kvstore.chunk import Chunk
 from kvstore.errors import InvalidChunkError, RecordError, TierError
 from kvstore.keys import ChunkKey
 from kvstore.record import DEFAULT_MAX_KV_BYTES, decode_payload, encode_record, parse_header
-from kvstore.tiers.base import Tier, TierStats, TierUsage, Timer
+from kvstore.tiers.base import RemoteTier, TierStats, TierUsage, Timer
 from kvstore.wire import FRAME, key_to_json
 
 log = logging.getLogger(__name__)
@@ -43,8 +41,7 @@ class _Unavailable(Exception):
     """The sidecar could not serve a request (network, timeout, 5xx, auth, a short stream)."""
 
 
-class HttpTier(Tier):
-    drop_when_behind = True  # a remote tier never makes a put wait (see TieredStore)
+class HttpTier(RemoteTier):
 
     def __init__(
         self,
@@ -80,19 +77,6 @@ class HttpTier(Tier):
         self._put_timeout = urllib3.Timeout(connect=timeout, read=put_timeout or 10 * timeout)
         self._pool = urllib3.connection_from_url(f"{url.scheme}://{url.netloc}", maxsize=pool_size, block=False,
                                                  retries=False, timeout=self._timeout)
-        self._down_until = 0.0
-        self._lock = threading.Lock()
-
-    # -- availability --------------------------------------------------------------------------------
-
-    def available(self) -> bool:
-        return time.monotonic() >= self._down_until
-
-    def _failed(self, what: str, e: Exception) -> None:
-        with self._lock:
-            self._down_until = time.monotonic() + self.retry_after
-        self.stats.add(errors=1)
-        log.warning("sidecar tier %s: %s failed (%s); treating it as down for %.1f s", self.url, what, e, self.retry_after)
 
     # -- requests ------------------------------------------------------------------------------------
 

@@ -14,8 +14,6 @@ deleted. Pins are local: Redis evicts by its own `maxmemory-policy`, so `pin` an
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from typing import Sequence
 
 import redis
@@ -26,13 +24,12 @@ from kvstore.chunk import Chunk
 from kvstore.errors import RecordError, TierError
 from kvstore.keys import ChunkKey
 from kvstore.record import DEFAULT_MAX_KV_BYTES, decode_record, encode_record
-from kvstore.tiers.base import Tier, TierStats, TierUsage, Timer
+from kvstore.tiers.base import RemoteTier, TierStats, TierUsage, Timer
 
 log = logging.getLogger(__name__)
 
 
-class RedisTier(Tier):
-    drop_when_behind = True  # a remote tier never makes a put wait (see TieredStore)
+class RedisTier(RemoteTier):
 
     def __init__(
         self,
@@ -65,19 +62,6 @@ class RedisTier(Tier):
         except (RedisError, ValueError) as e:
             raise TierError(f"cannot connect the Redis tier to {url}: {e}") from e
         self.cluster = cluster
-        self._down_until = 0.0
-        self._lock = threading.Lock()
-
-    # -- availability --------------------------------------------------------------------------------
-
-    def available(self) -> bool:
-        return time.monotonic() >= self._down_until
-
-    def _failed(self, what: str, e: Exception) -> None:
-        with self._lock:
-            self._down_until = time.monotonic() + self.retry_after
-        self.stats.add(errors=1)
-        log.warning("redis tier %s: %s failed (%s); treating it as down for %.1f s", self.url, what, e, self.retry_after)
 
     def _name(self, key: ChunkKey) -> str:
         return f"{self.prefix}{key.namespace}:{key.hex()}"
