@@ -4,16 +4,23 @@
 - `model_fingerprint(model)`: architecture, dtype and a digest of every weight, so KV of another model,
   dtype or version can never match.
 - `prefill_kv(model, input_ids)`: run a prefill and return its KV as `[L, 2, T, H, D]` (post-RoPE keys).
+- `cache_to_kv(cache, num_layers)` / `kv_to_cache(kv, model)`: between a transformers cache (batch 1) and
+  the store's layout.
+- `compute_chunks(model, token_ids, fingerprint=.., kind=..)`: prefill a context and cut its KV into the
+  store's keyed chunks (prefix chunks of a prompt, or standalone chunks of a passage for blend).
 """
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import torch
 import xxhash
+from transformers import DynamicCache
 
-from kvstore.chunk import KVLayout
+from kvstore.chunk import Chunk, KVLayout
+from kvstore.keys import ChunkKind, chunk_refs
 
 
 def kv_layout(model) -> KVLayout:
@@ -56,3 +63,51 @@ def prefill_kv(model, input_ids: torch.Tensor) -> torch.Tensor:
     """input_ids: [T] -> KV [L, 2, T, H, D] of a full prefill."""
     out = model(input_ids.reshape(1, -1).to(model.device), use_cache=True)
     return cache_to_kv(out.past_key_values, model.config.num_hidden_layers)
+
+
+def kv_to_cache(kv: torch.Tensor, model) -> DynamicCache:
+    """KV `[L, 2, T, H, D]` -> a transformers `DynamicCache` (batch 1) holding views of it."""
+    cache = DynamicCache(config=model.config)
+    for i in range(kv.shape[0]):
+        # [T, H, D] -> [B=1, H, T, D]
+        cache.update(kv[i, 0].transpose(0, 1).unsqueeze(0), kv[i, 1].transpose(0, 1).unsqueeze(0), i)
+    return cache
+
+
+def compute_chunks(
+    model,
+    token_ids,
+    *,
+    fingerprint: str,
+    namespace: str = "default",
+    chunk_tokens: int = 256,
+    kind: ChunkKind = ChunkKind.PREFIX,
+    include_partial: bool = False,
+) -> list[Chunk]:
+    """Prefill `token_ids` (a whole prompt, or one passage for `ChunkKind.STANDALONE`) from position 0
+    and return its KV cut into keyed chunks: full chunks only unless `include_partial`."""
+    refs = chunk_refs(token_ids, namespace=namespace, model=fingerprint, chunk_tokens=chunk_tokens,
+                      kind=kind, include_partial=include_partial)
+    if not refs:
+        return []
+    end = refs[-1].end
+    ids = torch.from_numpy(np.concatenate([r.tokens for r in refs]).astype(np.int64))  # [end]
+    kv = prefill_kv(model, ids)  # [L, 2, end, H, D]
+    return [Chunk.from_ref(r, kv[:, :, r.start:r.end].contiguous()) for r in refs]
+
+
+@torch.inference_mode()
+def decode_greedy(model, cache, last_logits: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
+    """Greedy decoding from a prefilled `cache` whose last position produced `last_logits` [V].
+
+    Returns the new token ids (stops after `eos_token_id` when given). Extends `cache` in place."""
+    out: list[int] = []
+    logits = last_logits
+    for step in range(max_new_tokens):
+        nxt = int(torch.argmax(logits))
+        out.append(nxt)
+        if nxt == eos_token_id or step == max_new_tokens - 1:
+            break
+        res = model(torch.tensor([[nxt]], device=model.device), past_key_values=cache, use_cache=True)
+        logits = res.logits[0, -1]
+    return out
