@@ -1,44 +1,45 @@
-"""`kvstore demo`: the store's own demonstration on real KV from a real model.
+"""`kvstore demo`: context loading end to end with the shipped model, on the configured store.
 
-It prefills a document with the project's shipped model (a seeded random-weight Llama when the model's
-files are absent), stores the KV chunks in the configured store
-(with a memory tier deliberately too small, so chunks are evicted and written back to disk), "restarts"
-by opening a fresh store on the same directory, looks the document up again, reads every chunk back,
-and checks each one against a fresh prefill, bit for bit where the codec is lossless.
+Two conversations, each turn answered twice: once through `HFConnector` (reusing stored KV) and once
+by plain `model.generate` over the whole prompt (the reference). For every turn it prints the tokens
+reused and the tier they came from, the time to first token with and without the store, and whether
+the two answers are identical.
+1. Questions over a long document: the first question computes the document and stores its chunks;
+   then the store is reopened on the same directory (memory tier empty, as after a restart), so the
+   next question loads the document from disk; the ones after load it from memory (promoted on hit).
+2. A multi-turn chat over other passages: every turn reuses the KV of all earlier turns.
+The demo's namespace is cleared first, so every run starts cold. Without the shipped model's files it
+uses a seeded random-weight Llama (answers are then gibberish, but still identical).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import re
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 
-from kvstore.config import MemoryConfig, StoreConfig, build_store
-from kvstore.chunk import Chunk
+from kvstore.config import StoreConfig, build_store
 
 DEMO_NAMESPACE = "demo"
-
-
-def _document_text() -> str:
-    """Real prose: the docstrings of this project's modules, in a fixed order."""
-    import codec.lossless, kvstore.keys, kvstore.record, kvstore.store, kvstore.tiers.disk, kvstore.tiers.memory
-
-    mods = [kvstore.store, kvstore.keys, kvstore.record, kvstore.tiers.disk, kvstore.tiers.memory, codec.lossless]
-    return "\n\n".join(m.__doc__.strip() for m in mods) * 2
+MAX_NEW_TOKENS = 12
 
 
 class _ByteTokenizer:
     """Token ids = UTF-8 bytes: enough to feed real text to the stand-in model below."""
 
-    def __call__(self, text: str) -> dict:
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
         return {"input_ids": list(text.encode())}
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids).decode(errors="replace")
 
 
 def _stand_in_model():
-    """A seeded, randomly initialized Llama (4 layers, GQA): real KV from a real transformers model,
-    used only when the shipped model's files are not in the checkout."""
+    """A seeded, randomly initialized Llama (4 layers, GQA), used only when the shipped model's files
+    are not in the checkout."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -48,7 +49,6 @@ def _stand_in_model():
 
 
 def _load_model():
-    """The project's shipped model; a seeded stand-in when its files are absent."""
     from connectors.shipped_model import load_shipped_model, shipped_model_path
 
     try:
@@ -58,89 +58,124 @@ def _load_model():
     return model, tok, shipped_model_path().name
 
 
+_FACTS = [  # (pattern over a passage, question, the answer's opening the model completes)
+    (r"([A-Z]\w+ [A-Z]\w+) was born in \w+\.", "Where was {0} born?", "{0} was born in"),
+    (r"([A-Z]\w+ [A-Z]\w+) works as an? \w+\.", "What does {0} work as?", "{0} works as a"),
+    (r"The city of ([A-Z]\w+) lies in \w+\.", "In which country is {0}?", "The city of {0} lies in"),
+]
+
+
+def _questions(passages: list[str], n: int) -> list[str]:
+    """Up to `n` questions about facts stated in `passages`, in the held-out set's Q/A format."""
+    out = []
+    for p in passages:
+        for pattern, q, a in _FACTS:
+            for m in re.finditer(pattern, p):
+                out.append(f"\n\nQ: {q.format(m.group(1))}\nA: {a.format(m.group(1))}")
+    step = max(1, len(out) // n)
+    return out[::step][:n]
+
+
+def _material() -> tuple[list[str], list[str]]:
+    """Two disjoint sets of passages from the held-out RAG set: a long document and a chat context."""
+    from benchmarks.models.evalset import load_rag
+
+    examples = sorted(load_rag(), key=lambda e: -sum(len(p) for p in e.passages))
+    return list(examples[0].passages), list(examples[1].passages)
+
+
+def _sentence_end_ids(tok, vocab_size: int) -> list[int]:
+    """Ids of the tokens that end a sentence or a line: answers stop there."""
+    ids = [i for i in range(vocab_size) if "\n" in (t := tok.decode([i])) or t.rstrip().endswith((".", "?", "!"))]
+    return ids or [vocab_size - 1]
+
+
+def _cell(text: str, width: int) -> str:
+    text = text.strip().replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "~"
+
+
 def run_demo(config: StoreConfig, echo: Callable[[str], None] = print) -> int:
-    from connectors.hf import kv_layout, model_fingerprint, prefill_kv
+    from connectors.hf import ChatSession, DocumentQA, HFConnector
 
-    t0 = time.perf_counter()
-    echo("[1/5] loading the model ...")
-    model, tokenizer, model_name = _load_model()
-    fingerprint = model_fingerprint(model)
-    text = _document_text()
-    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.int64)
-    max_len = getattr(model.config, "max_position_embeddings", 2048)
-    ids = ids[: (min(len(ids), max_len) // config.chunk_tokens) * config.chunk_tokens]
-    layout = kv_layout(model)
-    chunk_bytes = layout.nbytes(config.chunk_tokens)
-    n_chunks = len(ids) // config.chunk_tokens
-    echo(f"      model {model_name} ({fingerprint}), document of {len(ids)} tokens = {n_chunks} chunks of "
-         f"{config.chunk_tokens} tokens, {chunk_bytes / 2**20:.2f} MiB of KV each")
-
-    # A memory tier that holds only half of the chunks, so the demo shows eviction and write-back.
-    small = MemoryConfig(capacity=max(chunk_bytes, chunk_bytes * n_chunks // 2 + 4096), device="cpu")
-    cfg = dataclasses.replace(config, memory=small)
-    if cfg.disk is None:
+    t_start = time.perf_counter()
+    if config.disk is None:
         echo("the demo needs a disk tier; configure [disk]")
         return 2
+    echo("loading the model ...")
+    model, tok, model_name = _load_model()
+    stop_ids = _sentence_end_ids(tok, model.config.vocab_size)
+    tiers = " -> ".join(f"{t}" for t in ([f"cpu memory {config.memory.capacity / 2**20:.0f} MiB"] if config.memory else [])
+                        + [f"disk {config.disk.path} ({config.disk.codec})"])
+    echo(f"model: {model_name}; store: {tiers}; chunks of {config.chunk_tokens} tokens")
 
-    echo("[2/5] prefilling and storing the document's KV ...")
-    t = time.perf_counter()
-    kv = prefill_kv(model, ids)  # [L, 2, T, H, D]
-    prefill_s = time.perf_counter() - t
-    store = build_store(cfg)
-    refs = store.chunk_refs(ids, model=fingerprint, namespace=DEMO_NAMESPACE)
-    already = store.lookup_refs(refs)
-    chunks = [Chunk.from_ref(r, kv[:, :, r.start : r.end]) for r in refs]
-    t = time.perf_counter()
-    store.put(chunks)
-    store.flush()
-    put_s = time.perf_counter() - t
-    s = store.stats()
-    mem, disk = s["tiers"]["cpu"], s["tiers"]["disk"]
-    echo(f"      prefill {prefill_s * 1e3:.0f} ms; put {len(chunks)} chunks in {put_s * 1e3:.0f} ms "
-         f"({already} were already stored from an earlier run)")
-    echo(f"      memory tier: {mem['usage'].entries} chunks, {mem['usage'].used_bytes / 2**20:.1f} of "
-         f"{mem['usage'].capacity_bytes / 2**20:.1f} MiB, {mem['stats']['evictions']} evicted "
-         f"({s['store']['demotions']} written back to disk on eviction)")
-    echo(f"      disk tier:   {disk['usage'].entries} records, {disk['usage'].used_bytes / 2**20:.1f} MiB "
-         f"under {cfg.disk.path} (codec {cfg.disk.codec})")
+    doc_passages, chat_passages = _material()
+    store = build_store(config)
+    store.clear(namespace=DEMO_NAMESPACE)
+    conn = HFConnector(model, store, namespace=DEMO_NAMESPACE)
+    with torch.inference_mode():  # warm-up at full size, so the first timings are not cold starts
+        for n in (1024, 256, 16):
+            model(torch.zeros(1, n, dtype=torch.long))
+
+    rows: list[tuple] = []
+    header = f"  {'#':>2}  {'question':34s} {'answer':14s} {'prompt':>6s} {'reused (tier)':>16s}  {'TTFT store':>10s} {'full':>8s} {'same':>5s}"
+
+    def show(i: int, turn) -> None:
+        conn.wait_stored()  # the background write of new chunks must not slow the reference's timing
+        ref, full_s = _reference(model, turn.prompt_ids, stop_ids)
+        same = ref == turn.answer_ids
+        r = turn.report
+        tier = f"{r.reused_tokens} ({'+'.join(r.tokens_by_tier)})" if r.reused_tokens else "0"
+        q = turn.message.split("Q: ")[-1].split("\n")[0]
+        echo(f"  {i:>2}  {_cell(q, 34):34s} {_cell(turn.answer, 14):14s} {r.prompt_tokens:>6d} {tier:>16s}  "
+             f"{r.ttft_s * 1e3:8.1f}ms {full_s * 1e3:6.1f}ms {'yes' if same else 'NO':>5s}")
+        if r.fallback:
+            echo(f"      note: {r.fallback}")
+        rows.append((r, full_s, same))
+
+    doc = "\n\n".join(doc_passages)
+    questions = _questions(doc_passages, 4)
+    n_doc = len(tok(doc, add_special_tokens=False)["input_ids"])
+    echo(f"\n1. Questions over one document ({n_doc} tokens, {len(doc_passages)} passages)")
+    echo(header)
+    qa = DocumentQA(conn, tok, doc, max_new_tokens=MAX_NEW_TOKENS, stop_ids=stop_ids)
+    for i, q in enumerate(questions, 1):
+        show(i, qa.ask(q))
+        if i == 1:
+            conn.close()
+            store.close()
+            echo("      -- store reopened on the same directory (memory tier empty, as after a restart) --")
+            store = build_store(config)
+            conn = HFConnector(model, store, namespace=DEMO_NAMESPACE, fingerprint=conn.fingerprint)
+            qa.connector = conn
+
+    context = "\n\n".join(chat_passages)
+    echo(f"\n2. A chat over other passages ({len(tok(context, add_special_tokens=False)['input_ids'])} tokens); "
+         "every turn reuses the earlier turns")
+    echo(header)
+    chat = ChatSession(conn, tok, context, max_new_tokens=MAX_NEW_TOKENS, stop_ids=stop_ids)
+    for i, q in enumerate(_questions(chat_passages, 4), 1):
+        show(i, chat.ask(q))
+    conn.close()
     store.close()
 
-    echo("[3/5] restarting: a new store on the same directory (memory tier empty) ...")
-    store = build_store(cfg)
-    stored = store.lookup(ids, model=fingerprint, namespace=DEMO_NAMESPACE)
-    echo(f"      lookup: {stored} of {len(ids)} tokens stored")
-    changed = ids.clone()
-    k = n_chunks // 2
-    changed[k * config.chunk_tokens + 3] = (int(changed[k * config.chunk_tokens + 3]) + 1) % model.config.vocab_size
-    echo(f"      lookup of the same document with one token changed in chunk {k}: "
-         f"{store.lookup(changed, model=fingerprint, namespace=DEMO_NAMESPACE)} tokens (prefix semantics)")
+    reused = [(r, full) for r, full, _ in rows if r.reused_tokens]
+    speedups = [full / r.ttft_s for r, full in reused]
+    identical = sum(same for _, _, same in rows)
+    echo(f"\n{identical} of {len(rows)} answers identical to plain generation; turns with reused KV: "
+         f"{len(reused)}, median TTFT {np.median(speedups) if speedups else float('nan'):.1f}x faster than "
+         f"a full prefill; {time.perf_counter() - t_start:.1f} s in all")
+    return 0 if identical == len(rows) else 1
 
-    echo("[4/5] reading every chunk back and checking it against a fresh prefill ...")
+
+@torch.inference_mode()
+def _reference(model, prompt_ids: np.ndarray, stop_ids) -> tuple[list[int], float]:
+    """(answer of plain `model.generate` over the whole prompt, time of its prefill to first logits)."""
+    ids = torch.from_numpy(prompt_ids.astype(np.int64)).reshape(1, -1)
     t = time.perf_counter()
-    got = store.get(refs)
-    get_s = time.perf_counter() - t
-    fresh = prefill_kv(model, ids)
-    lossless = cfg.disk.codec in ("raw", "zstd")
-    bad = 0
-    worst = 0.0
-    for r, c in zip(refs, got):
-        if c is None:
-            bad += 1
-            continue
-        ref = fresh[:, :, r.start : r.end]
-        if lossless and not torch.equal(c.kv, ref):
-            bad += 1
-        worst = max(worst, (c.kv.float() - ref.float()).abs().max().item())
-    echo(f"      read {sum(c is not None for c in got)} chunks in {get_s * 1e3:.0f} ms; "
-         f"{'bit-identical' if lossless and not bad else f'max abs error {worst:.2e}'} to a fresh prefill"
-         + (f"; {bad} chunks MISSING OR DIFFERENT" if bad else ""))
-    s = store.stats()
-    echo("[5/5] counters of this run:")
-    for name, tier in s["tiers"].items():
-        st = tier["stats"]
-        echo(f"      {name:5s} hits {st['hits']:4d}  misses {st['misses']:4d}  read {st['bytes_read'] / 2**20:7.1f} MiB"
-             f"  written {st['bytes_written'] / 2**20:7.1f} MiB  corrupt {st['corrupt']}")
-    echo(f"      promotions to memory on hit: {s['store']['promotions']}")
-    store.close()
-    echo(f"done in {time.perf_counter() - t0:.1f} s")
-    return 1 if bad else 0
+    logits = model(ids).logits[0, -1]
+    int(torch.argmax(logits))
+    full_s = time.perf_counter() - t
+    out = model.generate(ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, eos_token_id=list(stop_ids),
+                         pad_token_id=list(stop_ids)[0])
+    return out[0, ids.shape[1]:].tolist(), full_s

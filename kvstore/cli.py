@@ -1,4 +1,4 @@
-"""The `kvstore` command line: `stats`, `verify`, `clear`, `demo`, `serve`.
+"""The `kvstore` command line: `stats`, `verify`, `clear`, `demo`, `serve`, `precompute`.
 
 Configuration comes from `--config FILE` (TOML), the environment (`KVSTORE_*`) and `--set
 section.field=value`; see `kvstore.config`. Exit codes: 0 success, 1 a check failed (verify found bad
@@ -99,6 +99,47 @@ def cmd_serve(config: StoreConfig, args) -> int:
     return serve(config, host=args.host, port=args.port, insecure_no_auth=args.insecure_no_auth)
 
 
+def cmd_precompute(config: StoreConfig, args) -> int:
+    from connectors.precompute.command import run_precompute_command
+
+    return run_precompute_command(config, args, _parse_sets(args.set))
+
+
+def _add_precompute(sub) -> None:
+    # Choices spelled out here: importing the job (torch, transformers) would slow every other command.
+    pc = sub.add_parser("precompute", help="compute the KV of a corpus and upload it to the store (docs/PRECOMPUTE.md)",
+                        description="Resumable, idempotent: rerun the same command after an interruption; "
+                                    "chunks already stored are skipped without computing them.")
+    pc.add_argument("corpus", help="JSONL file ({\"id\": ..., \"text\": ...} per line) or a folder of text files")
+    pc.add_argument("--model", help="Hugging Face model directory (default: the shipped model)")
+    pc.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="model dtype; part of the KV's keys (default float32)")
+    pc.add_argument("--device", help="model device (default: cuda if available, else cpu)")
+    pc.add_argument("--mode", choices=("prefix", "passages"), default="prefix",
+                    help="prefix: full prefix chunks of whole documents; passages: standalone chunks for blend/RAG")
+    pc.add_argument("--passage-tokens", type=int, help="passages mode: split documents into passages of N tokens "
+                    "(default: each document is one passage)")
+    pc.add_argument("--to", metavar="URL", help="target: redis://host:port/db, or http(s)://host:port of a `kvstore serve` "
+                    "(default: the configured store's slowest tier, the disk tier out of the box)")
+    pc.add_argument("--cluster", action="store_true", help="the --to redis URL is a Redis Cluster node")
+    pc.add_argument("--token-file", help="bearer token of the --to sidecar (or set KVSTORE_SIDECAR_TOKEN)")
+    pc.add_argument("--codec", help="codec of the uploaded records (default: the target section's codec)")
+    pc.add_argument("--level", type=int, help="codec level, where the codec has levels")
+    pc.add_argument("--namespace", help="namespace of the keys (default: the configured namespace)")
+    pc.add_argument("--manifest", help="manifest path (default: CORPUS.manifest.jsonl)")
+    pc.add_argument("--summary", metavar="PATH", help="also write the summary as JSON to PATH")
+    pc.add_argument("--dry-run", action="store_true", help="report what would be computed; compute and upload nothing")
+    pc.add_argument("--batch-size", type=int, help="documents per forward (default: 8 on CUDA, 1 on CPU)")
+    pc.add_argument("--max-tokens", type=int, help="longest document (default: the model's context length)")
+    pc.add_argument("--add-special-tokens", action="store_true",
+                    help="let the tokenizer add BOS etc. (match how your prompts are tokenized)")
+    pc.add_argument("--workers", type=int, default=2, help="upload threads (default 2)")
+    pc.add_argument("--id-field", default="id", help="JSONL field of the document id (default id)")
+    pc.add_argument("--text-field", default="text", help="JSONL field of the text (default text)")
+    pc.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="progress bar on stderr (default: when stderr is a terminal)")
+    pc.set_defaults(func=cmd_precompute)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvstore", description="KV-cache store for LLM inference.")
     p.add_argument("--config", help="TOML config file (default: $KVSTORE_CONFIG, else built-in defaults)")
@@ -111,13 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("clear", help="remove stored chunks (pinned ones stay)")
     c.add_argument("--namespace", help="only this namespace")
     c.set_defaults(func=cmd_clear)
-    sub.add_parser("demo", help="store, evict, restart and read back real KV of the shipped model").set_defaults(func=cmd_demo)
+    sub.add_parser("demo", help="long-document QA and a multi-turn chat with the shipped model, with and without the store").set_defaults(func=cmd_demo)
     s = sub.add_parser("serve", help="run the sidecar HTTP service over the configured store (docs/SERVICE.md)")
     s.add_argument("--host", help="address to listen on (default: server.host, 127.0.0.1)")
     s.add_argument("--port", type=int, help="port to listen on (default: server.port, 8420)")
     s.add_argument("--insecure-no-auth", action="store_true",
                    help="serve without bearer tokens (only when no server.tokens_file is set; loopback only)")
     s.set_defaults(func=cmd_serve)
+    _add_precompute(sub)
     return p
 
 

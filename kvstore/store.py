@@ -123,12 +123,20 @@ class TieredStore:
 
     # -- get -----------------------------------------------------------------------------------------
 
-    def get(self, refs: Sequence[ChunkRef | ChunkKey], out: Sequence[torch.Tensor | None] | None = None) -> list[Chunk | None]:
+    def get(
+        self,
+        refs: Sequence[ChunkRef | ChunkKey],
+        out: Sequence[torch.Tensor | None] | None = None,
+        sources: list[str | None] | None = None,
+    ) -> list[Chunk | None]:
         """Chunks for `refs` (None where no tier has a valid copy), decoded into `out[i]` where given.
 
         With `ChunkRef`s the token ids stored with each chunk are compared with the ref's: a mismatch (a
-        hash collision, or a poisoned entry) is a miss, never wrong KV.
+        hash collision, or a poisoned entry) is a miss, never wrong KV. `sources`, when given (a list as
+        long as `refs`), receives the name of the tier each chunk came from (None for a miss).
         """
+        if sources is not None and len(sources) != len(refs):
+            raise ValueError(f"sources has {len(sources)} entries for {len(refs)} refs")
         keys = [r.key if isinstance(r, ChunkRef) else r for r in refs]
         results: list[Chunk | None] = [None] * len(keys)
         todo = list(range(len(keys)))
@@ -157,6 +165,8 @@ class TieredStore:
                 else:
                     results[i] = chunk
                     promote.append(chunk)
+                    if sources is not None:
+                        sources[i] = tier.name
             if level and promote and self.promote_on_hit:
                 for faster in self.tiers[:level]:
                     try:

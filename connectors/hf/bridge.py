@@ -1,4 +1,4 @@
-"""Hugging Face transformers bridge: a model's KV in the store's chunk layout, and its fingerprint.
+"""Hugging Face transformers bridge primitives: a model's KV in the store's chunk layout, its fingerprint.
 
 - `kv_layout(model)`: the `KVLayout` of a Llama-family causal LM.
 - `model_fingerprint(model)`: architecture, dtype and a digest of every weight, so KV of another model,
@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+from typing import Collection
 
 import numpy as np
 import torch
@@ -97,17 +98,28 @@ def compute_chunks(
 
 
 @torch.inference_mode()
-def decode_greedy(model, cache, last_logits: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
+def decode_greedy(model, cache, last_logits: torch.Tensor, max_new_tokens: int,
+                  eos_token_id: int | Collection[int] | None = None) -> list[int]:
     """Greedy decoding from a prefilled `cache` whose last position produced `last_logits` [V].
 
-    Returns the new token ids (stops after `eos_token_id` when given). Extends `cache` in place."""
+    Returns the new token ids, stopping after any of `eos_token_id` (one id or several) when given.
+    Extends `cache` in place (it ends holding every position but the last new token's)."""
+    stop = _stop_set(eos_token_id)
     out: list[int] = []
     logits = last_logits
     for step in range(max_new_tokens):
         nxt = int(torch.argmax(logits))
         out.append(nxt)
-        if nxt == eos_token_id or step == max_new_tokens - 1:
+        if nxt in stop or step == max_new_tokens - 1:
             break
         res = model(torch.tensor([[nxt]], device=model.device), past_key_values=cache, use_cache=True)
         logits = res.logits[0, -1]
     return out
+
+
+def _stop_set(eos_token_id: int | Collection[int] | None) -> frozenset[int]:
+    if eos_token_id is None:
+        return frozenset()
+    if isinstance(eos_token_id, int):
+        return frozenset((eos_token_id,))
+    return frozenset(int(t) for t in eos_token_id)

@@ -1,0 +1,240 @@
+"""Prefix context loading for a transformers causal LM: `HFConnector`.
+
+For a prompt, `HFConnector.prefill`:
+1. keys the prompt's full chunks (the last token always stays to compute, so there are logits to start
+   decoding from) and asks the store how many leading chunks it holds (`lookup`);
+2. loads those chunks (batch `get`; a chunk from a byte tier is decoded with the codec its record names)
+   and builds a transformers cache from them; a chunk that fails to load (corrupt record, a tier that
+   raises) ends the reused prefix there: the rest is recomputed, never an error;
+3. prefills the remaining tokens against that cache;
+4. hands the prompt's new full chunks to a background writer (not on the time-to-first-token path).
+`generate` decodes greedily from there and also stores the chunks the generated tokens complete, so a
+chat's next turn reuses its previous turns. Every call returns a `LoadReport`: tokens reused and from
+which tier, tokens computed, and the time of each step.
+
+Invariants: KV is only reused under the model's fingerprint (config, dtype and every weight), with the
+token ids checked on every hit; with a lossless tier codec, generation equals `model.generate` token
+for token.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Collection
+
+import numpy as np
+import torch
+
+from connectors.hf.bridge import decode_greedy, kv_to_cache, model_fingerprint
+from kvstore.chunk import Chunk
+from kvstore.errors import InvalidTokensError
+from kvstore.keys import ChunkRef, as_token_array
+from kvstore.store import TieredStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class LoadReport:
+    """What one prefill did. Times in seconds; `ttft_s` = lookup + load + prefill of the rest."""
+
+    prompt_tokens: int
+    reused_tokens: int = 0
+    computed_tokens: int = 0
+    tokens_by_tier: dict[str, int] = field(default_factory=dict)  # tier name -> reused tokens from it
+    lookup_s: float = 0.0
+    load_s: float = 0.0
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0
+    stored_chunks: int = 0  # new chunks handed to the store's writer by this request
+    fallback: str | None = None  # why stored KV that the lookup found was not all used
+
+    def tiers_text(self) -> str:
+        return ", ".join(f"{n} from {t}" for t, n in self.tokens_by_tier.items()) or "none"
+
+
+@dataclass(slots=True)
+class Prefilled:
+    cache: object  # a transformers DynamicCache holding the prompt's KV (batch 1)
+    logits: torch.Tensor  # [V] at the prompt's last position
+    report: LoadReport
+
+
+@dataclass(slots=True)
+class Generation:
+    tokens: list[int]  # the new token ids
+    report: LoadReport
+    decode_s: float
+
+
+class HFConnector:
+    """Reuses stored KV of prompt prefixes for one transformers causal LM (Llama family), batch 1.
+
+    `fingerprint` defaults to `model_fingerprint(model)`; `store_new=False` makes it read-only.
+    """
+
+    def __init__(self, model, store: TieredStore, *, namespace: str | None = None, fingerprint: str | None = None,
+                 store_new: bool = True) -> None:
+        self.model = model
+        self.store = store
+        self.namespace = namespace or "default"
+        self.fingerprint = fingerprint or model_fingerprint(model)
+        self.store_new = store_new
+        self.chunk_tokens = store.chunk_tokens
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvstore-hf-store")
+        self._pending: list[Future] = []
+        self._lock = threading.Lock()
+        self.store_failures = 0
+
+    # -- prefill -------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, input_ids) -> Prefilled:
+        """Prefill `input_ids` ([T] token ids, T >= 1), reusing the longest stored chunk-aligned prefix."""
+        ids = self._token_array(input_ids)
+        report = LoadReport(prompt_tokens=len(ids))
+        t0 = time.perf_counter()
+        # Leave at least one token to compute: the logits of the last position start the decoding.
+        refs = self.store.chunk_refs(ids[: len(ids) - 1], model=self.fingerprint, namespace=self.namespace)
+        n_hit = self.store.lookup_refs(refs) if refs else 0
+        t1 = time.perf_counter()
+        report.lookup_s = t1 - t0
+
+        kv = None
+        if n_hit:
+            kv, n_loaded, report.tokens_by_tier, report.fallback = self._load(refs[:n_hit])
+            n_hit = n_loaded
+        t2 = time.perf_counter()
+        report.load_s = t2 - t1
+
+        reused = n_hit * self.chunk_tokens
+        cache = kv_to_cache(kv, self.model) if kv is not None else None
+        rest = torch.from_numpy(ids[reused:].astype(np.int64)).reshape(1, -1).to(self.model.device)
+        out = self.model(rest, past_key_values=cache, use_cache=True)
+        logits = out.logits[0, -1]
+        t3 = time.perf_counter()
+        report.prefill_s = t3 - t2
+        report.ttft_s = t3 - t0
+        report.reused_tokens = reused
+        report.computed_tokens = len(ids) - reused
+
+        cache = out.past_key_values
+        report.stored_chunks = self._store_async(ids, cache, first_chunk=n_hit)
+        return Prefilled(cache, logits, report)
+
+    def _load(self, refs: list[ChunkRef]) -> tuple[torch.Tensor | None, int, dict[str, int], str | None]:
+        """Leading chunks of `refs` as one KV tensor [L, 2, n*C, H, D]; stops at the first failure."""
+        sources: list[str | None] = [None] * len(refs)
+        try:
+            chunks = self.store.get(refs, sources=sources)
+        except Exception as e:  # the store degrades per tier; anything left is still only a miss here
+            log.warning("loading %d chunks failed, recomputing them: %s", len(refs), e)
+            return None, 0, {}, f"load failed ({type(e).__name__}: {e})"
+        n = 0
+        fallback = None
+        for c in chunks:
+            if c is None or c.kv.dtype != self.model.dtype:
+                fallback = (f"chunk {n} could not be loaded (missing, corrupt or from a failing tier); "
+                            f"recomputed from token {n * self.chunk_tokens}")
+                break
+            n += 1
+        if not n:
+            return None, 0, {}, fallback
+        by_tier: dict[str, int] = {}
+        for s in sources[:n]:
+            by_tier[s or "?"] = by_tier.get(s or "?", 0) + self.chunk_tokens
+        device = self.model.device
+        kv = torch.cat([c.kv.to(device, non_blocking=True) for c in chunks[:n]], dim=2)  # [L, 2, n*C, H, D]
+        return kv, n, by_tier, fallback
+
+    # -- generate ------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, input_ids, max_new_tokens: int = 32, eos_token_id: int | Collection[int] | None = None) -> Generation:
+        """Greedy generation after `prefill`; the chunks completed by the new tokens are stored too."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        ids = self._token_array(input_ids)
+        pre = self.prefill(ids)
+        t = time.perf_counter()
+        new = decode_greedy(self.model, pre.cache, pre.logits, max_new_tokens, eos_token_id)
+        decode_s = time.perf_counter() - t
+        if len(new) > 1:
+            # The cache now holds the prompt and every new token but the last.
+            seq = np.concatenate([ids, np.asarray(new[:-1], dtype=np.uint32)])
+            pre.report.stored_chunks += self._store_async(seq, pre.cache, first_chunk=len(ids) // self.chunk_tokens)
+        return Generation(new, pre.report, decode_s)
+
+    # -- storing -------------------------------------------------------------------------------------
+
+    def _store_async(self, ids: np.ndarray, cache, first_chunk: int) -> int:
+        """Queue the full chunks of `ids` from index `first_chunk` on; their KV is read from `cache`."""
+        if not self.store_new:
+            return 0
+        n_full = len(ids) // self.chunk_tokens
+        if n_full <= first_chunk:
+            return 0
+        # The cache's layer tensors are replaced (not written) as decoding appends, so these references
+        # stay valid while the writer reads them.
+        layers = [(layer.keys, layer.values) for layer in cache.layers]  # each [1, H, T, D]
+        ids = ids[: n_full * self.chunk_tokens].copy()
+        fut = self._writer.submit(self._store, ids, layers, first_chunk)
+        with self._lock:
+            self._pending = [f for f in self._pending if not f.done()] + [fut]
+        return n_full - first_chunk
+
+    def _store(self, ids: np.ndarray, layers: list[tuple[torch.Tensor, torch.Tensor]], first_chunk: int) -> None:
+        try:
+            refs = self.store.chunk_refs(ids, model=self.fingerprint, namespace=self.namespace)[first_chunk:]
+            chunks = []
+            for r in refs:
+                # [1, H, T, D] -> [T, H, D] per layer and K/V -> [L, 2, C, H, D]
+                kv = torch.stack([torch.stack([k[0, :, r.start:r.end].transpose(0, 1), v[0, :, r.start:r.end].transpose(0, 1)])
+                                  for k, v in layers]).to("cpu")
+                chunks.append(Chunk.from_ref(r, kv))
+            self.store.put(chunks)
+        except Exception as e:  # storing is best effort: the answer is already out
+            self.store_failures += 1
+            log.warning("storing %d new chunks failed: %s", len(ids) // self.chunk_tokens - first_chunk, e)
+
+    def wait_stored(self, timeout: float | None = None) -> bool:
+        """Wait until this connector's queued chunks are in the store's first tier (and, through
+        `store.flush`, in the slower tiers). False if `timeout` ran out."""
+        with self._lock:
+            pending = list(self._pending)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for f in pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                f.result(left)
+            except TimeoutError:
+                return False
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return self.store.flush(left)
+
+    def close(self) -> None:
+        self.wait_stored()
+        self._writer.shutdown(wait=True)
+
+    def __enter__(self) -> "HFConnector":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _token_array(self, input_ids) -> np.ndarray:
+        if isinstance(input_ids, torch.Tensor):
+            if input_ids.dim() == 2 and input_ids.shape[0] == 1:
+                input_ids = input_ids[0]
+            input_ids = input_ids.detach().cpu().numpy()
+        ids = as_token_array(input_ids)
+        if len(ids) == 0:
+            raise InvalidTokensError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if int(ids.max()) >= vocab:
+            raise InvalidTokensError(f"token id {int(ids.max())} is outside the model's vocabulary of {vocab}")
+        return ids
