@@ -1,0 +1,175 @@
+"""Time to first token with the store vs a full prefill, with the shipped model.
+
+    python -m benchmarks.ttft_bench [--quick] [--json PATH] [--repeats N] [--dir DIR]
+
+For contexts of 1K, 4K and 8K tokens (real text: held-out passages, repeated to length; chunk-aligned)
+followed by a 16-token question, TTFT = the time from the prompt's token ids to the first token's
+logits:
+- full prefill: one `model(prompt)` forward, the baseline of every ratio;
+- memory: `HFConnector.prefill` with the context's chunks in the CPU memory tier;
+- disk/<codec>: the same from a disk tier only (records decoded with the codec), page cache warm, and
+  `disk-cold/<codec>` with the OS page cache dropped before each repeat where the OS lets us.
+The baseline and our path run alternately (`paired`), median of repeats. Every codec in the registry is
+measured; a lossy codec also reports whether its first token equals the full prefill's.
+JSON: `ttft_ratio_memory_<n>k`, `ttft_ratio_disk_<n>k` (raw codec), `ttft_ratio_disk_<codec>_<n>k`,
+`ttft_ratio_disk_codec_<n>k` (the best lossy codec), plus the raw milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import print_table, write_json
+from codec import codec_class, codec_names, make_codec
+from connectors.hf import HFConnector, compute_chunks, model_fingerprint
+from connectors.shipped_model import load_shipped_model
+from kvstore.store import TieredStore
+from kvstore.tiers import DiskTier, MemoryTier
+
+CHUNK = 256
+QUESTION_TOKENS = 16
+
+
+def _context_ids(tok, n_tokens: int) -> np.ndarray:
+    from benchmarks.models.evalset import load_rag
+
+    text = "\n\n".join(p for ex in load_rag()[:40] for p in ex.passages)
+    ids = np.asarray(tok(text, add_special_tokens=False)["input_ids"], dtype=np.uint32)
+    reps = -(-(n_tokens + QUESTION_TOKENS) // len(ids))
+    return np.tile(ids, reps)[: n_tokens + QUESTION_TOKENS]
+
+
+def _drop_page_cache() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def _time(fn, repeats: int, before=None) -> float:
+    times = []
+    for _ in range(repeats):
+        if before:
+            before()
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _codec_variants() -> list[tuple[str, int | None]]:
+    """Every registered codec, each level of a codec that has levels."""
+    out = []
+    for name in codec_names():
+        levels = getattr(codec_class(name), "LEVELS", None)
+        out += [(name, lvl) for lvl in levels] if levels else [(name, None)]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1K and 4K contexts, fewer repeats")
+    ap.add_argument("--json")
+    ap.add_argument("--repeats", type=int)
+    ap.add_argument("--dir", help="directory for the disk tiers (default: a temporary one)")
+    args = ap.parse_args()
+    sizes = [1024, 4096] if args.quick else [1024, 4096, 8192]
+    repeats = args.repeats or (3 if args.quick else 5)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+    model, tok = load_shipped_model(torch.float32)
+    fp = model_fingerprint(model)
+    root = Path(args.dir or tempfile.mkdtemp(prefix="ttft-bench-"))
+    can_drop = _drop_page_cache()
+    variants = _codec_variants()
+    results: dict[str, float] = {}
+    rows = []
+    print(f"shipped model, {torch.get_num_threads()} threads, chunks of {CHUNK}, {repeats} repeats; "
+          f"page cache drop {'available' if can_drop else 'NOT available (no disk-cold rows)'}")
+    with torch.inference_mode():
+        model(torch.zeros(1, 1024, dtype=torch.long))  # warm-up
+    for n in sizes:
+        ids = _context_ids(tok, n)
+        prompt = torch.from_numpy(ids.astype(np.int64)).reshape(1, -1)
+        chunks = compute_chunks(model, ids[:n], fingerprint=fp, chunk_tokens=CHUNK)
+        kv_bytes = sum(c.nbytes for c in chunks)
+
+        @torch.inference_mode()
+        def full():
+            return model(prompt).logits[0, -1]
+
+        ref_top = int(torch.argmax(full()))
+        base = _time(full, repeats)
+        rows.append([n, "full prefill", "-", f"{base * 1e3:.1f}", "1.000", "-", "-", "-"])
+        results[f"ttft_full_ms_{n // 1024}k"] = base * 1e3
+
+        stores: list[tuple[str, str, TieredStore, bool]] = [
+            ("memory", "-", TieredStore([MemoryTier(kv_bytes + (1 << 20))], chunk_tokens=CHUNK), False)]
+        for name, level in variants:
+            d = root / f"{n}-{name}-{level}"
+            shutil.rmtree(d, ignore_errors=True)
+            codec = make_codec(name, level)
+            tier = DiskTier(d, 1 << 34, codec)
+            label = name if level is None else f"{name}-{level}"
+            stores.append((f"disk/{label}", label, TieredStore([tier], chunk_tokens=CHUNK), codec.lossless))
+            if can_drop:
+                stores.append((f"disk-cold/{label}", label, stores[-1][2], codec.lossless))
+        for mode, label, store, lossless in stores:
+            if not store.lookup_refs(store.chunk_refs(ids[:n], model=fp)):
+                store.put(chunks)
+                store.flush()
+            conn = HFConnector(model, store, fingerprint=fp, store_new=False)
+            reports = []
+
+            def ours():
+                pre = conn.prefill(ids)
+                reports.append(pre)
+                return pre
+
+            cold = mode.startswith("disk-cold")
+            ours()  # warm-up (and the first-token check)
+            same = int(torch.argmax(reports[0].logits)) == ref_top
+            reports.clear()
+            t = _time(ours, repeats, before=_drop_page_cache if cold else None)
+            rep = [p.report for p in reports]
+            assert all(r.reused_tokens == n for r in rep), f"{mode}: expected {n} reused tokens"
+            load = statistics.median(r.load_s for r in rep)
+            pre_s = statistics.median(r.prefill_s for r in rep)
+            ratio = t / base
+            rows.append([n, mode, f"{store.tiers[0].usage().used_bytes / kv_bytes:.3f}" if mode != "memory" else "-",
+                         f"{t * 1e3:.1f}", f"{ratio:.3f}", f"{load * 1e3:.1f}", f"{pre_s * 1e3:.1f}",
+                         "yes" if same else "NO"])
+            key = mode.replace("/", "_").replace("-", "_")
+            results[f"ttft_ratio_{key}_{n // 1024}k"] = ratio
+            if mode == "memory":
+                results[f"ttft_ratio_memory_{n // 1024}k"] = ratio
+            elif mode == "disk/raw":
+                results[f"ttft_ratio_disk_{n // 1024}k"] = ratio
+            elif mode.startswith("disk/") and not lossless:
+                k = f"ttft_ratio_disk_codec_{n // 1024}k"
+                results[k] = min(results.get(k, ratio), ratio)
+            conn.close()
+        for _, _, store, _ in stores:
+            store.close()
+        print(f"  {n} tokens done")
+    print()
+    print_table(["context", "mode", "bytes/raw", "TTFT ms", "vs full", "load ms", "prefill ms", "same 1st token"], rows)
+    if not args.dir:
+        shutil.rmtree(root, ignore_errors=True)
+    write_json(args.json, results)
+
+
+if __name__ == "__main__":
+    main()
