@@ -181,6 +181,10 @@ class HFConnector:
         # The cache's layer tensors are replaced (not written) as decoding appends, so these references
         # stay valid while the writer reads them.
         layers = [(layer.keys, layer.values) for layer in cache.layers]  # each [1, H, T, D]
+        if any(k.shape[2] < n_full * self.chunk_tokens for k, _ in layers):
+            # A sliding-window cache keeps only its window: there is no full-context KV to store.
+            log.warning("the model's cache holds fewer positions than the prompt (sliding window?); not storing")
+            return 0
         ids = ids[: n_full * self.chunk_tokens].copy()
         fut = self._writer.submit(self._store, ids, layers, first_chunk)
         with self._lock:
