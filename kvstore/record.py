@@ -101,6 +101,7 @@ def encode_record(chunk: Chunk, codec: Codec) -> tuple[bytes, memoryview]:
     kv = chunk.kv.detach()
     if kv.device.type != "cpu":
         kv = kv.cpu()
+    codec = codec.bind(chunk.key.model)  # e.g. cachegen picks the model's codebook; its params name it
     payload = memoryview(codec.encode(kv)).cast("B")
     return encode_header(chunk, codec, len(payload), payload_checksum(payload)), payload
 

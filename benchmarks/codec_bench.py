@@ -1,0 +1,223 @@
+"""Codec benchmark: size, error, model fidelity and speed of every codec and cachegen level.
+
+    python -m benchmarks.codec_bench [--quick] [--json PATH]
+
+On the shipped model's KV (held-out RAG prompts, 256-token chunks): bits per element with all metadata
+(payload + codec params), relative reconstruction error per layer, and next-token fidelity: the context's
+KV goes through the codec and the continuation is run on the decoded KV, against the unquantized KV
+(KL and top-1 agreement). Speed on a random 32 layers x 8 KV heads x 128 chunk (fp16, 2 threads), in MB/s
+of fp16 input/output, beside a plain copy of the same tensor measured in the same run. Also: the
+anchor-delta measurement (ideal code length of the same symbols with and without delta coding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.common import print_table, write_json
+from benchmarks.fidelity import mean_kl, mean_top1_agreement
+from benchmarks.models.evalset import load_rag
+from codec import make_codec
+from codec import rans
+from codec.cachegen import LEVELS, CacheGenCodec, chunk_tables, quantize
+from codec.codebook import codebooks
+
+CHUNK = 256
+CONT = 64
+
+
+def codecs_under_test(model_fp: str):
+    out = [("zstd", make_codec("zstd")), ("int8", make_codec("int8")), ("kivi4", make_codec("kivi4")),
+           ("kivi2", make_codec("kivi2"))]
+    for lv in sorted(LEVELS):
+        out.append((f"cachegen-{lv}", CacheGenCodec(lv).bind(model_fp)))
+    out.append(("cachegen-2 per-chunk table", CacheGenCodec(2)))
+    return out
+
+
+def lmcache_packing_bytes(kv: torch.Tensor, level: int) -> int:
+    """The same quantization and streams, with the tables packed as LMCache does: an int16 CDF of A + 1
+    entries per (layer, K/V, channel) in every chunk (pickle's own overhead not counted)."""
+    c = CacheGenCodec(level)
+    sym, _ = quantize(kv, c.spec)
+    n_tab = sym.shape[0] * sym.shape[2]
+    ours_fallback = len(c.encode(kv))
+    blob = len(c._table_blob(sym)) + 4
+    return ours_fallback - blob + n_tab * (c.spec.alphabet + 1) * 2
+
+
+def fidelity_data(model, tok, n: int):
+    from connectors.hf import prefill_kv
+
+    data = []
+    for ex in load_rag():
+        ids = torch.tensor(tok.encode(ex.prompt()))
+        if len(ids) < 2 * CHUNK + CONT:
+            continue
+        ctx, cont = ids[: 2 * CHUNK], ids[2 * CHUNK : 2 * CHUNK + CONT]
+        data.append((prefill_kv(model, ctx), cont))
+        if len(data) >= n:
+            break
+    return data
+
+
+@torch.inference_mode()
+def continuation_logits(model, kv, cont):
+    from connectors.hf import kv_to_cache
+
+    return model(cont.reshape(1, -1), past_key_values=kv_to_cache(kv, model)).logits[0]  # [CONT, V]
+
+
+def through(codec, kv: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """kv [L, 2, T, H, D] -> (decoded, bytes incl. params), chunk by chunk."""
+    out = torch.empty_like(kv)
+    total = 0
+    for s in range(0, kv.shape[2], CHUNK):
+        ch = kv[:, :, s : s + CHUNK].contiguous()
+        p = codec.encode(ch)
+        o = torch.empty_like(ch)
+        codec.decode(memoryview(p), o)
+        out[:, :, s : s + CHUNK] = o
+        total += len(p) + len(codec.params())
+    return out, total
+
+
+def delta_measurement(chunks: list[torch.Tensor], train: list[torch.Tensor]) -> dict:
+    """Ideal code length (bits/element) of level-2 symbols coded plain, as anchor deltas (groups of 10,
+    CacheGen) and as previous-token deltas, with per-(layer, K/V, channel) distributions from `train`."""
+    spec = LEVELS[2]
+
+    def syms(kv, how):
+        q = quantize(kv, spec)[0].astype(np.int64) - spec.m  # [LK, T, C]
+        if how == "anchor":
+            a = q[:, (np.arange(q.shape[1]) // 10) * 10]
+            q = np.where((np.arange(q.shape[1]) % 10 == 0)[None, :, None], q, q - a)
+        elif how == "previous":
+            q = np.concatenate([q[:, :1], q[:, 1:] - q[:, :-1]], axis=1)
+        return q + 4 * spec.m
+
+    res = {}
+    for how in ("plain", "anchor", "previous"):
+        tr = np.stack([syms(k, how) for k in train])  # [N, LK, T, C]
+        te = np.stack([syms(k, how) for k in chunks])
+        nbins = 8 * spec.m + 1
+        bits = []
+        for lk in range(tr.shape[1]):
+            for c in range(tr.shape[3]):
+                h = np.bincount(tr[:, lk, :, c].ravel(), minlength=nbins) + 0.05
+                p = h / h.sum()
+                bits.append(-np.log2(p[te[:, lk, :, c].ravel()]).mean())
+        res[how] = float(np.mean(bits))
+    return res
+
+
+def speed(codecs, repeats: int) -> list[dict]:
+    rans.set_threads(2)
+    torch.set_num_threads(2)
+    kv = torch.randn(32, 2, CHUNK, 8, 128).to(torch.float16)
+    mb = kv.numel() * 2 / 1e6
+    dst = torch.empty_like(kv)
+    rows = []
+    for name, codec in codecs:
+        if name.startswith("cachegen") and codec.codebook is not None:
+            codec = CacheGenCodec(codec.level, _random_codebook(kv, codec.level))
+        p = codec.encode(kv)
+        enc, dec, cp = [], [], []
+        for _ in range(repeats):
+            t = time.perf_counter(); codec.encode(kv); enc.append(time.perf_counter() - t)
+            t = time.perf_counter(); codec.decode(memoryview(p), dst); dec.append(time.perf_counter() - t)
+            t = time.perf_counter(); dst.copy_(kv); cp.append(time.perf_counter() - t)
+        e, d, c = statistics.median(enc), statistics.median(dec), statistics.median(cp)
+        rows.append({"codec": name, "encode_mb_s": mb / e, "decode_mb_s": mb / d, "copy_mb_s": mb / c,
+                     "bits": len(p) * 8 / kv.numel()})
+    return rows
+
+
+_RANDOM_CB = {}
+
+
+def _random_codebook(kv: torch.Tensor, level: int):
+    """A codebook for the random shape (profiled on one other random chunk), so the speed row of a
+    codebook level decodes like the real thing."""
+    from codec.cachegen import count_symbols
+    from codec.codebook import profile_codebook
+
+    if level not in _RANDOM_CB:
+        other = torch.randn_like(kv, dtype=torch.float32)
+        _RANDOM_CB[level] = profile_codebook("random-32x8x128", {level: count_symbols(other, LEVELS[level])}, 32, 1024)
+    return _RANDOM_CB[level]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    from connectors.hf import model_fingerprint
+    from connectors.shipped_model import load_shipped_model
+
+    torch.manual_seed(0)
+    random.seed(0)
+    model, tok = load_shipped_model(torch.float32)
+    fp = model_fingerprint(model)
+    cb = codebooks.for_model(fp)
+    print(f"model {fp}; codebook: {'shipped, ' + str(len(cb.to_bytes())) + ' bytes raw' if cb else 'none (per-chunk tables)'}")
+    n_ex = 8 if args.quick else 40
+    data = fidelity_data(model, tok, n_ex)
+    refs = [continuation_logits(model, kv, cont) for kv, cont in data]
+    codecs = codecs_under_test(fp)
+    rows, report = [], {"model": fp, "examples": len(data), "chunk_tokens": CHUNK}
+    int8_bytes = None
+    per_codec = {}
+    for name, codec in codecs:
+        kls, t1s, nbytes, nel, lerr = [], [], 0, 0, []
+        for (kv, cont), ref in zip(data, refs):
+            dec, b = through(codec, kv)
+            nbytes += b
+            nel += kv.numel()
+            lerr.append(((dec - kv).flatten(1).norm(dim=1) / kv.flatten(1).norm(dim=1)).numpy())
+            logits = continuation_logits(model, dec, cont)
+            kls.append(mean_kl(ref, logits))
+            t1s.append(mean_top1_agreement(ref, logits))
+        per_layer = np.mean(lerr, axis=0)
+        per_codec[name] = {"bits_per_element": nbytes * 8 / nel, "kl": float(np.mean(kls)), "top1": float(np.mean(t1s)),
+                           "rel_err_per_layer": [float(x) for x in per_layer], "bytes": nbytes}
+        if name == "int8":
+            int8_bytes = nbytes
+        print(f"  {name}: done", flush=True)
+    chunks = [kv[:, :, s : s + CHUNK].contiguous() for kv, _ in data for s in range(0, kv.shape[2], CHUNK)]
+    lm = sum(lmcache_packing_bytes(ch, 2) + 2 for ch in chunks)
+    l2 = per_codec["cachegen-2"]
+    for name, r in per_codec.items():
+        rows.append([name, r["bits_per_element"], int8_bytes / r["bytes"], " ".join(f"{e:.3f}" for e in r["rel_err_per_layer"]),
+                     f"{r['kl']:.5f}", f"{100 * r['top1']:.2f}%"])
+    print_table(["codec", "bits/elem", "x smaller than int8", "rel. error per layer", "KL", "top-1"], rows)
+    print(f"LMCache-style packing (same quantization, int16 CDF per chunk) at level 2: {lm * 8 / sum(c.numel() for c in chunks):.3f} "
+          f"bits/elem; ours {l2['bits_per_element']:.3f}: {lm / l2['bytes']:.2f}x smaller")
+    # delta coding: train distributions on half the chunks, measure on the other half
+    half = len(chunks) // 2
+    delta = delta_measurement(chunks[half:], chunks[:half])
+    print("anchor-delta measurement (ideal bits/elem, level-2 symbols, same error): " + ", ".join(f"{k} {v:.3f}" for k, v in delta.items()))
+    sp = speed([(n, c) for n, c in codecs if n in ("zstd", "int8", "kivi2", "cachegen-1", "cachegen-2", "cachegen-3", "cachegen-2 per-chunk table")],
+               3 if args.quick else 7)
+    print_table(["codec (32x8x128 fp16, 2 threads)", "encode MB/s", "decode MB/s", "copy MB/s", "decode / copy"],
+                [[r["codec"], r["encode_mb_s"], r["decode_mb_s"], r["copy_mb_s"], r["decode_mb_s"] / r["copy_mb_s"]] for r in sp])
+    cg2 = next(r for r in sp if r["codec"] == "cachegen-2")
+    report.update({
+        "codecs": per_codec, "speed": sp, "delta_measurement": delta,
+        "bits_per_element_l2": l2["bits_per_element"], "kl_l2": l2["kl"], "top1_l2": l2["top1"],
+        "ratio_vs_int8_l2": int8_bytes / l2["bytes"], "ratio_vs_per_chunk_cdf_l2": lm / l2["bytes"],
+        "decode_mb_s": cg2["decode_mb_s"], "encode_mb_s": cg2["encode_mb_s"], "gpu_decode_gb_s": None,
+    })
+    write_json(args.json, report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

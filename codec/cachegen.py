@@ -1,0 +1,377 @@
+"""The `cachegen` codec: layer-dependent uniform quantization, then rANS over per-(layer, K/V, channel)
+distributions from a per-model codebook (or a table carried by the chunk when there is none).
+
+Quantization (per chunk, per layer and K/V, `lk = layer * 2 + kv`):
+    step[lk, c] = max(alpha[lk] * rms(kv[lk]), max|kv[lk, :, c]| / M), rounded up to a bfloat16
+    sym[lk, t, c] = round(kv[lk, t, c] / step[lk, c]) + M          in [0, 2M]
+One step size per layer and K/V (an absolute step for every channel) measured better than per-channel
+relative steps on the shipped model: the same error for fewer bits and better next-token fidelity (see
+docs/CODEC.md); the `max|.| / M` floor only widens the step of a channel whose outliers would not fit the
+alphabet. Every element's error is at most step / 2 (plus the output dtype's rounding).
+`alpha` depends on the level, on K vs V, and on the layer (the first quarter of layers is finer).
+
+Payload (little-endian), version 1:
+    magic b"KVCG" | version u8 | level u8 | flags u8 (bit 0: per-chunk tables) | group u8
+    | layers u16 | channels u32 | tokens u32
+    | steps u16 [L * 2 * C] (bfloat16 bits)
+    | if per-chunk tables: blob_len u32 | zstd(lo u8 [N] | hi u8 [N] | freq u16 [sum(hi - lo + 1)])
+    | word counts u32 [n_streams] | words u16 [sum(counts)]
+Params (in the record header): version u8 | level u8 | codebook digest (16 bytes) or nothing.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import zstandard
+from numba import njit, prange
+
+from codec import rans
+from codec.base import Codec, CodecError, register
+from codec.codebook import Codebook, codebooks
+
+FORMAT_VERSION = 1
+PARAMS_VERSION = 1
+MAGIC = b"KVCG"
+GROUP = 16  # channels per stream: 4096 streams for an 8B model's chunk, enough for a GPU
+_HEAD = struct.Struct("<4sBBBBHII")
+_FLAG_CHUNK_TABLES = 1
+_OUT_BITS = {torch.float16: (torch.int16, np.uint16), torch.bfloat16: (torch.int16, np.uint16), torch.float32: (torch.int32, np.uint32)}
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    """One cachegen level: alphabet half-width M and the step, in units of the layer's RMS."""
+
+    m: int
+    alpha_k: float
+    alpha_v: float
+    early_factor: float  # multiplies alpha in the first quarter of the layers
+
+    @property
+    def alphabet(self) -> int:
+        return 2 * self.m + 1
+
+    def alphas(self, layers: int) -> np.ndarray:
+        """[L * 2] float32: alpha of each (layer, K/V)."""
+        early = max(1, layers // 4)
+        a = np.empty(layers * 2, dtype=np.float32)
+        for layer in range(layers):
+            f = self.early_factor if layer < early else 1.0
+            a[2 * layer], a[2 * layer + 1] = self.alpha_k * f, self.alpha_v * f
+        return a
+
+
+LEVELS: dict[int, Level] = {
+    1: Level(m=31, alpha_k=1.0, alpha_v=1.4, early_factor=0.7),
+    2: Level(m=63, alpha_k=0.5, alpha_v=0.7, early_factor=0.7),
+    3: Level(m=127, alpha_k=0.22, alpha_v=0.3, early_factor=0.7),
+}
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _stats(x, n_tok, n_chan, sumsq, maxabs):  # pragma: no cover - numba
+    """x [LK * T * C] float32 -> sumsq [LK] float64, maxabs [LK * C] float32 (zeroed by the caller)."""
+    for lk in prange(sumsq.shape[0]):
+        ss = 0.0
+        for t in range(n_tok):
+            base = (lk * n_tok + t) * n_chan
+            for c in range(n_chan):
+                v = x[base + c]
+                ss += np.float64(v) * v
+                a = abs(v)
+                if not a <= maxabs[lk * n_chan + c]:  # also propagates NaN
+                    maxabs[lk * n_chan + c] = a
+        sumsq[lk] = ss
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _quantize(x, n_tok, n_chan, step, m, sym):  # pragma: no cover - numba
+    """x [LK * T * C] float32, step [LK * C] float32 -> sym [LK * T * C] uint8 in [0, 2m]."""
+    n_lk = step.shape[0] // n_chan
+    for lk in prange(n_lk):
+        for t in range(n_tok):
+            base = (lk * n_tok + t) * n_chan
+            for c in range(n_chan):
+                q = np.rint(x[base + c] / step[lk * n_chan + c])
+                q = min(max(q, -m), m)
+                sym[base + c] = np.uint8(q + m)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _count(sym, n_tok, n_chan, alphabet, counts):  # pragma: no cover - numba
+    """sym [LK * T * C] -> counts [LK * C, alphabet] += occurrences."""
+    n_lk = counts.shape[0] // n_chan
+    for lk in prange(n_lk):
+        for t in range(n_tok):
+            base = (lk * n_tok + t) * n_chan
+            for c in range(n_chan):
+                counts[lk * n_chan + c, sym[base + c]] += 1
+
+
+def _bf16_up(step: np.ndarray) -> np.ndarray:
+    """float32 steps -> bfloat16 bits (uint16), rounded up so that no symbol leaves the alphabet."""
+    bits = step.astype(np.float32).view(np.uint32).astype(np.uint64)
+    return ((bits + 0xFFFF) >> 16).astype(np.uint16)
+
+
+def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def quantize(kv: torch.Tensor, level: Level) -> tuple[np.ndarray, np.ndarray]:
+    """kv [L, 2, T, H, D] (CPU) -> (symbols [L * 2, T, C] uint8, step bits [L * 2 * C] uint16)."""
+    layers, _, n_tok = kv.shape[:3]
+    n_chan = kv.shape[3] * kv.shape[4]
+    x = kv.detach().to(torch.float32).contiguous().reshape(-1).numpy()  # [L * 2 * T * C]
+    sumsq = np.zeros(layers * 2, dtype=np.float64)
+    maxabs = np.zeros(layers * 2 * n_chan, dtype=np.float32)
+    _stats(x, n_tok, n_chan, sumsq, maxabs)
+    if not (np.isfinite(sumsq).all() and np.isfinite(maxabs).all()):
+        raise CodecError("cachegen cannot encode KV with non-finite values")
+    rms = np.sqrt(sumsq / (n_tok * n_chan)).astype(np.float32)
+    step = np.maximum(np.repeat(level.alphas(layers) * rms, n_chan), maxabs / np.float32(level.m))
+    step = np.where(step > 0, step, np.float32(1.0)).astype(np.float32)  # an all-zero channel codes zeros
+    bits = _bf16_up(step)
+    step = _bf16_to_f32(bits)
+    if not np.isfinite(step).all():
+        raise CodecError("cachegen cannot encode KV this large (step size overflows bfloat16)")
+    sym = np.empty(x.size, dtype=np.uint8)
+    _quantize(x, n_tok, n_chan, step, level.m, sym)
+    return sym.reshape(layers * 2, n_tok, n_chan), bits
+
+
+def count_symbols(kv: torch.Tensor, level: Level, counts: np.ndarray | None = None) -> np.ndarray:
+    """Add one chunk's symbol counts to counts [L * 2 * C, A] (int64): the profile of a codebook."""
+    sym, _ = quantize(kv, level)
+    n_lk, n_tok, n_chan = sym.shape
+    if counts is None:
+        counts = np.zeros((n_lk * n_chan, level.alphabet), dtype=np.int64)
+    _count(sym.reshape(-1), n_tok, n_chan, level.alphabet, counts)
+    return counts
+
+
+def dequantize_values(step_bits: np.ndarray, level: Level, dtype: torch.dtype) -> np.ndarray:
+    """[N] step bits -> [N, A] the output element's bits for each symbol (uint16 or uint32)."""
+    step = torch.from_numpy(_bf16_to_f32(step_bits).copy())
+    q = torch.arange(level.alphabet, dtype=torch.float32) - level.m
+    ibits, npbits = _OUT_BITS[dtype]
+    vals = (q[None, :] * step[:, None]).to(dtype)  # [N, A]
+    return vals.view(ibits).numpy().view(npbits)
+
+
+# ---- per-chunk tables (the fallback when no codebook exists) ----
+
+def pack_tables(freq: np.ndarray) -> bytes:
+    """freq [N, A] (zeros outside each row's [lo, hi]) -> zstd(lo | hi | freq[lo..hi] per row)."""
+    nz = freq > 0
+    a = freq.shape[1]
+    lo = np.argmax(nz, axis=1)
+    hi = a - 1 - np.argmax(nz[:, ::-1], axis=1)
+    idx = np.arange(a)[None, :]
+    inside = (idx >= lo[:, None]) & (idx <= hi[:, None])
+    blob = lo.astype(np.uint8).tobytes() + hi.astype(np.uint8).tobytes() + freq[inside].astype("<u2").tobytes()
+    return zstandard.ZstdCompressor(level=3).compress(blob)
+
+
+def unpack_tables(data: memoryview, n: int, a: int) -> rans.CodingTables:
+    bound = 2 * n + 2 * n * a
+    try:
+        blob = zstandard.ZstdDecompressor().decompress(data, max_output_size=bound)
+    except zstandard.ZstdError as e:
+        raise CodecError(f"corrupt per-chunk tables: {e}") from None
+    if len(blob) < 2 * n:
+        raise CodecError("per-chunk tables are truncated")
+    lo = np.frombuffer(blob, dtype=np.uint8, count=n).astype(np.int64)
+    hi = np.frombuffer(blob, dtype=np.uint8, count=n, offset=n).astype(np.int64)
+    if np.any(hi >= a) or np.any(lo > hi):
+        raise CodecError("per-chunk tables have symbol ranges outside the alphabet")
+    width = hi - lo + 1
+    if len(blob) != 2 * n + 2 * int(width.sum()):
+        raise CodecError("per-chunk tables have the wrong size")
+    idx = np.arange(a)[None, :]
+    inside = (idx >= lo[:, None]) & (idx <= hi[:, None])
+    freq = np.zeros((n, a), dtype=np.uint32)
+    freq[inside] = np.frombuffer(blob, dtype="<u2", offset=2 * n)
+    try:
+        return rans.CodingTables.from_freqs(freq)
+    except ValueError as e:
+        raise CodecError(f"per-chunk tables: {e}") from None
+
+
+def chunk_tables(sym: np.ndarray, level: Level) -> np.ndarray:
+    """symbols [LK, T, C] -> exact per-chunk frequency tables [LK * C, A]."""
+    n_lk, n_tok, n_chan = sym.shape
+    counts = np.zeros((n_lk * n_chan, level.alphabet), dtype=np.int64)
+    _count(sym.reshape(-1), n_tok, n_chan, level.alphabet, counts)
+    return rans.normalize_freqs(counts, floor=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """A checked payload, ready for a CPU or CUDA stream decoder."""
+
+    level: Level
+    layers: int
+    channels: int
+    tokens: int
+    group: int
+    step_bits: np.ndarray  # [L * 2 * C] uint16
+    tables: rans.CodingTables
+    offsets: np.ndarray  # [n_streams + 1] int64, in words
+    words: np.ndarray  # uint16
+
+
+@register
+class CacheGenCodec(Codec):
+    name = "cachegen"
+    lossless = False
+
+    def __init__(self, level: int = 2, codebook: Codebook | None = None) -> None:
+        if level not in LEVELS:
+            raise CodecError(f"cachegen level must be one of {sorted(LEVELS)}, got {level}")
+        self.level = level
+        self.spec = LEVELS[level]
+        self.codebook = codebook
+        self._bound: dict[str, CacheGenCodec] = {}
+
+    # -- parameters and model binding --
+
+    def params(self) -> bytes:
+        digest = self.codebook.digest if self.codebook is not None else b""
+        return struct.pack("<BB", PARAMS_VERSION, self.level) + digest
+
+    @classmethod
+    def from_params(cls, params: bytes) -> "CacheGenCodec":
+        if len(params) not in (2, 18):
+            raise CodecError(f"cachegen parameters must be 2 or 18 bytes, got {len(params)}")
+        version, level = struct.unpack_from("<BB", params)
+        if version != PARAMS_VERSION:
+            raise CodecError(f"cachegen parameters version {version} is not supported")
+        codebook = None
+        if len(params) == 18:
+            codebook = codebooks.by_digest(bytes(params[2:]))
+            if codebook is None:
+                raise CodecError(f"cachegen codebook {bytes(params[2:]).hex()} is not available here")
+        return cls(level, codebook)
+
+    def bind(self, model: str) -> "CacheGenCodec":
+        """This codec with the codebook of `model` where one is registered (else the per-chunk tables)."""
+        if self.codebook is not None and self.codebook.model == model:
+            return self
+        bound = self._bound.get(model)
+        if bound is None:
+            cb = codebooks.for_model(model)
+            bound = self._bound[model] = CacheGenCodec(self.level, cb) if cb is not None else CacheGenCodec(self.level)
+        return bound
+
+    # -- encode --
+
+    def encode(self, kv: torch.Tensor) -> bytes:
+        """kv [L, 2, T, H, D] (CPU) -> payload."""
+        if kv.dim() != 5 or kv.shape[1] != 2:
+            raise CodecError(f"KV must be [L, 2, T, H, D], got {tuple(kv.shape)}")
+        layers, _, n_tok, heads, dim = kv.shape
+        n_chan = heads * dim
+        if layers >= 1 << 16 or n_tok == 0:
+            raise CodecError(f"cachegen cannot encode KV of shape {tuple(kv.shape)}")
+        sym, step_bits = quantize(kv, self.spec)
+        parts = [_HEAD.pack(MAGIC, FORMAT_VERSION, self.level, 0, GROUP, layers, n_chan, n_tok)]
+        if self.codebook is not None:
+            if (self.codebook.layers, self.codebook.channels) != (layers, n_chan):
+                raise CodecError(
+                    f"codebook of {self.codebook.model} is for {self.codebook.layers} layers x "
+                    f"{self.codebook.channels} channels, KV has {layers} x {n_chan}")
+            tables = self.codebook.tables(self.level)
+            parts.append(step_bits.astype("<u2").tobytes())
+        else:
+            freq = chunk_tables(sym, self.spec)
+            tables = rans.CodingTables.from_freqs(freq)
+            blob = self._table_blob(sym, freq)
+            parts[0] = _HEAD.pack(MAGIC, FORMAT_VERSION, self.level, _FLAG_CHUNK_TABLES, GROUP, layers, n_chan, n_tok)
+            parts += [step_bits.astype("<u2").tobytes(), struct.pack("<I", len(blob)), blob]
+        counts, words = rans.encode(sym, n_tok, n_chan, GROUP, tables)
+        parts += [counts.astype("<u4").tobytes(), words.astype("<u2").tobytes()]
+        return b"".join(parts)
+
+    # -- decode --
+
+    def parse(self, payload: memoryview, shape: tuple[int, ...]) -> Parsed:
+        """Check a payload against the output shape [L, 2, T, H, D]; `CodecError` on anything off."""
+        buf = memoryview(payload).cast("B")
+        if len(buf) < _HEAD.size:
+            raise CodecError("cachegen payload is truncated")
+        magic, version, level, flags, group, layers, n_chan, n_tok = _HEAD.unpack_from(buf)
+        if magic != MAGIC:
+            raise CodecError("not a cachegen payload (bad magic)")
+        if version != FORMAT_VERSION:
+            raise CodecError(f"cachegen payload version {version} is not supported (this build reads {FORMAT_VERSION})")
+        if level != self.level or flags & ~_FLAG_CHUNK_TABLES or group == 0:
+            raise CodecError(f"cachegen payload header (level {level}, flags {flags}, group {group}) does not match its params")
+        want = (shape[0], shape[2], shape[3] * shape[4])
+        if (layers, n_tok, n_chan) != want:
+            raise CodecError(f"cachegen payload holds {layers} layers x {n_tok} tokens x {n_chan} channels, output wants {want}")
+        spec = self.spec
+        n_tab = layers * 2 * n_chan
+        pos = _HEAD.size
+        if len(buf) < pos + 2 * n_tab:
+            raise CodecError("cachegen payload is truncated (steps)")
+        step_bits = np.frombuffer(buf, dtype="<u2", count=n_tab, offset=pos).astype(np.uint16)
+        pos += 2 * n_tab
+        if not np.isfinite(_bf16_to_f32(step_bits)).all():
+            raise CodecError("cachegen payload has non-finite step sizes")
+        if flags & _FLAG_CHUNK_TABLES:
+            if self.codebook is not None:
+                raise CodecError("cachegen payload carries tables but its params name a codebook")
+            if len(buf) < pos + 4:
+                raise CodecError("cachegen payload is truncated (tables)")
+            (blob_len,) = struct.unpack_from("<I", buf, pos)
+            pos += 4
+            if len(buf) < pos + blob_len:
+                raise CodecError("cachegen payload is truncated (tables)")
+            tables = unpack_tables(buf[pos : pos + blob_len], n_tab, spec.alphabet)
+            pos += blob_len
+        else:
+            if self.codebook is None:
+                raise CodecError("cachegen payload needs a codebook its params do not name")
+            if (self.codebook.layers, self.codebook.channels) != (layers, n_chan):
+                raise CodecError("cachegen payload does not fit its codebook's layout")
+            tables = self.codebook.tables(self.level)
+        ns = rans.n_streams(layers * 2, n_chan, group)
+        if len(buf) < pos + 4 * ns:
+            raise CodecError("cachegen payload is truncated (stream lengths)")
+        counts = np.frombuffer(buf, dtype="<u4", count=ns, offset=pos).astype(np.int64)
+        pos += 4 * ns
+        offsets = np.zeros(ns + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        if (len(buf) - pos) != 2 * offsets[-1]:
+            raise CodecError(f"cachegen streams hold {len(buf) - pos} bytes, lengths say {2 * offsets[-1]}")
+        words = np.frombuffer(buf, dtype="<u2", offset=pos)
+        return Parsed(spec, layers, n_chan, n_tok, group, step_bits, tables, offsets, words)
+
+    def decode(self, payload: memoryview, out: torch.Tensor) -> None:
+        """payload -> out [L, 2, T, H, D] (CPU, contiguous, float16/bfloat16/float32)."""
+        if out.dtype not in _OUT_BITS or not out.is_contiguous() or out.dim() != 5:
+            raise CodecError(f"cachegen decodes into a contiguous 5-d float tensor, got {out.dtype} {tuple(out.shape)}")
+        p = self.parse(payload, tuple(out.shape))
+        vals = dequantize_values(p.step_bits, p.level, out.dtype)
+        ibits, _ = _OUT_BITS[out.dtype]
+        dst = out.view(ibits).reshape(-1).numpy().view(vals.dtype)
+        status = np.empty(p.offsets.size - 1, dtype=np.int32)
+        rans.decode_streams(p.words, p.offsets, p.tokens, p.channels, p.group, p.tables.freq, p.tables.cum,
+                            p.tables.lut, vals, dst, status)
+        if status.any():
+            bad = int(np.flatnonzero(status)[0])
+            what = "runs past its end" if status[bad] == rans.OVERRUN else "ends in a wrong state"
+            raise CodecError(f"cachegen stream {bad} is corrupt ({what})")
+
+    def _table_blob(self, sym: np.ndarray, freq: np.ndarray | None = None) -> bytes:
+        """The packed per-chunk tables of these symbols (what a chunk without a codebook carries)."""
+        return pack_tables(chunk_tables(sym, self.spec) if freq is None else freq)
+
+    def symbols(self, kv: torch.Tensor) -> np.ndarray:
+        """The quantized symbols [L * 2, T, C] this codec codes for kv (for tests and profiling)."""
+        return quantize(kv, self.spec)[0]

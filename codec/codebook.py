@@ -1,0 +1,203 @@
+"""Per-model codebooks: the symbol distributions of the `cachegen` codec, profiled once per model.
+
+A `Codebook` holds, for one model fingerprint and layout (L layers, C = H * D channels) and for each
+cachegen level, one frequency table per (layer, K/V, channel) over that level's alphabet. With a codebook
+a chunk carries only its step sizes and stream lengths; without one it carries its own tables.
+
+Primitives:
+- `profile_codebook(model, chunks, levels)`: count the symbols of sample chunks and normalize;
+- `Codebook.to_bytes()` / `Codebook.from_bytes()`: a versioned, checksummed, zstd-compressed file
+  (`*.kvcb`); `digest` (16 bytes) names its exact content and goes into each record's codec params;
+- `CodebookRegistry`: codebooks by model fingerprint (for encoding) and by digest (for decoding), loaded
+  from directories: `default_codebook_dirs()` = the user's `~/.cache/kvstore/codebooks` and the
+  `connectors/assets/*/` folders shipped beside this package. `codebooks` is the process-wide instance.
+
+A record names its codebook by digest, so a codebook that changes can never decode old records wrongly:
+an unknown digest is a `CodecError`, which the store counts as a miss.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import xxhash
+import zstandard
+
+from codec.base import CodecError
+from codec.rans import PREC, CodingTables, normalize_freqs
+
+MAGIC = b"KVCB"
+VERSION = 1
+SUFFIX = ".kvcb"
+_HEAD = struct.Struct("<4sHBHIB")  # magic, version, PREC, layers, channels, n_levels
+_MAX_FILE = 256 << 20
+
+
+@dataclass(slots=True)
+class Codebook:
+    model: str  # the model fingerprint
+    layers: int
+    channels: int  # H * D
+    freqs: dict[int, np.ndarray]  # level -> [layers * 2 * channels, A] uint32 summing to 2**PREC
+    _bytes: bytes | None = field(default=None, repr=False)
+    _tables: dict[int, CodingTables] = field(default_factory=dict, repr=False)
+
+    def tables(self, level: int) -> CodingTables:
+        t = self._tables.get(level)
+        if t is None:
+            if level not in self.freqs:
+                raise CodecError(f"codebook for {self.model} has no tables for level {level}")
+            t = self._tables[level] = CodingTables.from_freqs(self.freqs[level])
+        return t
+
+    def to_bytes(self) -> bytes:
+        if self._bytes is None:
+            fp = self.model.encode()
+            parts = [_HEAD.pack(MAGIC, VERSION, PREC, self.layers, self.channels, len(self.freqs)),
+                     struct.pack("<B", len(fp)), fp]
+            for level in sorted(self.freqs):
+                f = self.freqs[level]
+                parts += [struct.pack("<BH", level, f.shape[1]), f.astype("<u2").tobytes()]
+            body = b"".join(parts)
+            self._bytes = body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
+        return self._bytes
+
+    @property
+    def digest(self) -> bytes:
+        return xxhash.xxh3_128_digest(self.to_bytes())
+
+    def save(self, directory: Path) -> Path:
+        """Write `<dir>/<fingerprint>.kvcb` (atomically: temp file, then rename)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / (self.model.replace("/", "_") + SUFFIX)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(zstandard.ZstdCompressor(level=19).compress(self.to_bytes()))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Codebook":
+        """Uncompressed codebook bytes -> Codebook; `CodecError` on anything malformed."""
+        if len(data) < _HEAD.size + 9:
+            raise CodecError("codebook is truncated")
+        body, (stored,) = data[:-8], struct.unpack("<Q", data[-8:])
+        if xxhash.xxh3_64_intdigest(body) != stored:
+            raise CodecError("codebook checksum mismatch")
+        magic, version, prec, layers, channels, n_levels = _HEAD.unpack_from(body)
+        if magic != MAGIC or version != VERSION or prec != PREC:
+            raise CodecError(f"not a codebook of version {VERSION} with {PREC}-bit tables")
+        pos = _HEAD.size
+        n = body[pos]
+        model = body[pos + 1 : pos + 1 + n].decode("utf-8", "replace")
+        pos += 1 + n
+        freqs, tables = {}, {}
+        rows = layers * 2 * channels
+        for _ in range(n_levels):
+            if pos + 3 > len(body):
+                raise CodecError("codebook is truncated")
+            level, a = struct.unpack_from("<BH", body, pos)
+            pos += 3
+            nbytes = rows * a * 2
+            if pos + nbytes > len(body):
+                raise CodecError("codebook is truncated")
+            f = np.frombuffer(body, dtype="<u2", count=rows * a, offset=pos).reshape(rows, a).astype(np.uint32)
+            pos += nbytes
+            try:
+                tables[level] = CodingTables.from_freqs(f)
+            except ValueError as e:
+                raise CodecError(f"codebook level {level}: {e}") from None
+            freqs[level] = f
+        if pos != len(body):
+            raise CodecError("codebook has trailing bytes")
+        return cls(model, layers, channels, freqs, data, tables)
+
+    @classmethod
+    def load(cls, path: Path) -> "Codebook":
+        raw = path.read_bytes()
+        try:
+            data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=_MAX_FILE)
+        except zstandard.ZstdError as e:
+            raise CodecError(f"codebook {path} is not zstd: {e}") from None
+        return cls.from_bytes(data)
+
+
+def profile_codebook(model: str, symbol_counts: dict[int, np.ndarray], layers: int, channels: int) -> Codebook:
+    """Counts per level [layers * 2 * channels, A] (from `cachegen.count_symbols` over sample chunks)
+    -> a codebook; every symbol keeps a non-zero frequency so any chunk can be coded."""
+    freqs = {lv: normalize_freqs(c, floor=True) for lv, c in symbol_counts.items()}
+    for lv, f in freqs.items():
+        if f.shape[0] != layers * 2 * channels:
+            raise CodecError(f"level {lv} counts have {f.shape[0]} rows, expected {layers * 2 * channels}")
+    return Codebook(model, layers, channels, freqs)
+
+
+def default_codebook_dirs() -> list[Path]:
+    """Where codebooks are looked up by default: the user's cache, then the shipped model assets."""
+    shipped = Path(__file__).resolve().parent.parent / "connectors" / "assets"
+    dirs = [Path.home() / ".cache" / "kvstore" / "codebooks"]
+    if shipped.is_dir():
+        dirs += sorted(p for p in shipped.iterdir() if p.is_dir())
+    return dirs
+
+
+class CodebookRegistry:
+    """Codebooks by model fingerprint and by digest. Directories are scanned on first use and again on
+    a miss (at most once per `rescan_s`), so a codebook profiled by another process is found."""
+
+    def __init__(self, dirs: list[Path] | None = None, rescan_s: float = 5.0) -> None:
+        self._dirs = list(dirs) if dirs is not None else default_codebook_dirs()
+        self._by_model: dict[str, Codebook] = {}
+        self._by_digest: dict[bytes, Codebook] = {}
+        self._seen: set[Path] = set()
+        self._last_scan = -1e9
+        self._rescan_s = rescan_s
+        self._lock = threading.Lock()
+
+    def add_dir(self, path: Path) -> None:
+        with self._lock:
+            self._dirs.append(Path(path))
+            self._last_scan = -1e9
+
+    def register(self, cb: Codebook) -> None:
+        with self._lock:
+            self._by_model[cb.model] = cb
+            self._by_digest[cb.digest] = cb
+
+    def _scan(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_scan < self._rescan_s:
+            return
+        self._last_scan = now
+        for d in self._dirs:
+            if not d.is_dir():
+                continue
+            for path in sorted(d.glob("*" + SUFFIX)):
+                if path in self._seen:
+                    continue
+                self._seen.add(path)
+                try:
+                    cb = Codebook.load(path)
+                except (OSError, CodecError):
+                    continue  # a broken file is skipped: records that need it decode as misses
+                self._by_model.setdefault(cb.model, cb)
+                self._by_digest[cb.digest] = cb
+
+    def for_model(self, model: str) -> Codebook | None:
+        with self._lock:
+            if model not in self._by_model:
+                self._scan()
+            return self._by_model.get(model)
+
+    def by_digest(self, digest: bytes) -> Codebook | None:
+        with self._lock:
+            if digest not in self._by_digest:
+                self._scan()
+            return self._by_digest.get(digest)
+
+
+codebooks = CodebookRegistry()

@@ -1,0 +1,175 @@
+"""cachegen: symbols round-trip bit-exactly through the rANS streams, reconstruction stays within each
+level's bound, codebook and per-chunk tables, params, and the typed errors of bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from codec import CodecError, codec_from_params, make_codec
+from codec.cachegen import LEVELS, CacheGenCodec, _bf16_to_f32, count_symbols, quantize
+from codec.codebook import Codebook, CodebookRegistry, codebooks, profile_codebook
+from codec.rans import TOTAL, CodingTables, normalize_freqs
+
+SHAPE = (3, 2, 40, 2, 24)  # L, 2, T, H, D: C = 48 is not a multiple of the 16-channel stream group
+
+
+def kv_like(shape=SHAPE, seed=0, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    x[:, 0, :, 0, 3] *= 8  # an outlier key channel, as real models have
+    x[:, :, 0] *= 5  # a sink-like first token
+    return x.to(dtype)
+
+
+def decode(codec, payload, like):
+    out = torch.empty_like(like)
+    codec_from_params(codec.name, codec.params()).decode(memoryview(payload), out)
+    return out
+
+
+def symbols_of(codec: CacheGenCodec, out: torch.Tensor, step_bits: np.ndarray) -> np.ndarray:
+    """Recover symbols from a float32 reconstruction: exact, since out = (sym - M) * step."""
+    L, _, T, H, D = out.shape
+    step = _bf16_to_f32(step_bits).reshape(L * 2, 1, H * D)
+    x = out.reshape(L * 2, T, H * D).numpy()
+    return np.rint(x / step).astype(np.int64) + codec.spec.m
+
+
+@pytest.mark.parametrize("level", sorted(LEVELS))
+def test_symbols_decode_bit_exactly_per_chunk_tables(level):
+    kv = kv_like(seed=level)
+    c = make_codec("cachegen", level)
+    payload = c.encode(kv)
+    out = decode(c, payload, kv)
+    sym, bits = quantize(kv, c.spec)
+    assert np.array_equal(symbols_of(c, out, bits), sym.astype(np.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("level", sorted(LEVELS))
+def test_error_within_level_bound(level, dtype):
+    kv = kv_like(seed=10 + level, dtype=dtype)
+    c = CacheGenCodec(level)
+    out = decode(c, c.encode(kv), kv)
+    _, bits = quantize(kv, c.spec)
+    L, _, T, H, D = kv.shape
+    step = torch.from_numpy(_bf16_to_f32(bits).copy()).reshape(L, 2, 1, H, D)
+    eps = {torch.float16: 2**-11, torch.bfloat16: 2**-8, torch.float32: 2**-23}[dtype]
+    bound = step / 2 * (1 + 1e-5) + out.float().abs() * eps
+    assert ((out.float() - kv.float()).abs() <= bound).all()
+    # and the level's relative error is what its alphas promise, finer levels strictly smaller
+    rel = ((out.float() - kv.float()).norm() / kv.float().norm()).item()
+    assert rel < {1: 0.45, 2: 0.22, 3: 0.1}[level]
+
+
+def test_levels_trade_size_for_error():
+    kv = kv_like(shape=(4, 2, 128, 2, 32), seed=3)
+    sizes, errs = [], []
+    for level in (1, 2, 3):
+        c = CacheGenCodec(level)
+        p = c.encode(kv)
+        sizes.append(len(p))
+        errs.append(((decode(c, p, kv) - kv).norm() / kv.norm()).item())
+    assert sizes[0] < sizes[1] < sizes[2] and errs[0] > errs[1] > errs[2]
+
+
+def _codebook(model: str, chunks: list[torch.Tensor]) -> Codebook:
+    counts = {}
+    for lv, spec in LEVELS.items():
+        acc = None
+        for ch in chunks:
+            acc = count_symbols(ch, spec, acc)
+        counts[lv] = acc
+    L, _, _, H, D = chunks[0].shape
+    return profile_codebook(model, counts, L, H * D)
+
+
+def test_codebook_round_trip_and_smaller_payload(tmp_path):
+    train = [kv_like(shape=(2, 2, 64, 2, 16), seed=s) for s in range(4)]
+    cb = _codebook("test-model-cb1", train)
+    path = cb.save(tmp_path)
+    loaded = Codebook.load(path)
+    assert loaded.digest == cb.digest and loaded.model == cb.model
+    reg = CodebookRegistry([tmp_path])
+    assert reg.for_model("test-model-cb1").digest == cb.digest and reg.by_digest(cb.digest) is not None
+    assert reg.for_model("other") is None
+    codebooks.register(cb)
+    kv = kv_like(shape=(2, 2, 64, 2, 16), seed=99)
+    c = CacheGenCodec(2).bind("test-model-cb1")
+    assert c.codebook is cb and len(c.params()) == 18
+    with_cb = c.encode(kv)
+    without = CacheGenCodec(2).encode(kv)
+    assert len(with_cb) < len(without)
+    a, b = decode(c, with_cb, kv), decode(CacheGenCodec(2), without, kv)
+    assert torch.equal(a, b)  # same quantization, different tables
+    # an unbound model falls back to per-chunk tables
+    assert CacheGenCodec(2).bind("unknown-model").codebook is None
+
+
+def test_unknown_codebook_is_a_codec_error():
+    with pytest.raises(CodecError, match="codebook"):
+        codec_from_params("cachegen", bytes([1, 2]) + bytes(16))
+
+
+def test_codebook_layout_mismatch_is_an_error():
+    cb = _codebook("test-model-cb2", [kv_like(shape=(2, 2, 32, 2, 16))])
+    with pytest.raises(CodecError, match="layers"):
+        CacheGenCodec(2, cb).encode(kv_like(shape=(3, 2, 32, 2, 16)))
+
+
+def test_corrupt_codebook_file_is_rejected(tmp_path):
+    cb = _codebook("test-model-cb3", [kv_like(shape=(1, 2, 32, 1, 16))])
+    raw = bytearray(cb.to_bytes())
+    raw[40] ^= 0xFF
+    with pytest.raises(CodecError):
+        Codebook.from_bytes(bytes(raw))
+    (tmp_path / "bad.kvcb").write_bytes(b"garbage")
+    assert CodebookRegistry([tmp_path]).for_model("x") is None  # skipped, not raised
+
+
+@pytest.mark.parametrize("params", [b"", b"\x01", b"\x02\x02", b"\x01\x09", bytes(5)])
+def test_bad_params(params):
+    with pytest.raises(CodecError):
+        codec_from_params("cachegen", params)
+
+
+def test_bad_levels_and_inputs():
+    with pytest.raises(CodecError):
+        make_codec("cachegen", 7)
+    with pytest.raises(CodecError, match="non-finite"):
+        CacheGenCodec(2).encode(torch.full(SHAPE, float("nan")))
+    with pytest.raises(CodecError):
+        CacheGenCodec(2).encode(torch.zeros(2, 3, 4))
+
+
+def test_all_zero_and_constant_chunks():
+    c = CacheGenCodec(2)
+    zeros = torch.zeros(SHAPE)
+    assert torch.equal(decode(c, c.encode(zeros), zeros), zeros)
+    const = torch.full(SHAPE, 3.25)
+    out = decode(c, c.encode(const), const)
+    assert ((out - const).abs() <= 3.25 * LEVELS[2].alpha_v / 2 * 1.01).all()  # step = alpha * rms
+
+
+def test_output_shape_must_match():
+    kv = kv_like()
+    c = CacheGenCodec(2)
+    p = c.encode(kv)
+    with pytest.raises(CodecError, match="output wants"):
+        c.decode(memoryview(p), torch.empty(3, 2, 41, 2, 24))
+
+
+def test_normalize_freqs_properties():
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 1000, size=(50, 127)) * (rng.random((50, 127)) < 0.3)
+    counts[0] = 0
+    for floor in (True, False):
+        f = normalize_freqs(counts, floor)
+        assert (f.sum(axis=1) == TOTAL).all()
+        if floor:
+            assert (f >= 1).all()
+        else:
+            assert ((f > 0) == (counts > 0))[1:].all()
+        CodingTables.from_freqs(f)

@@ -1,0 +1,121 @@
+"""Every registered codec through the store's byte tiers (disk, Redis, and the tiered store), with the
+cachegen codebook found by the chunk's model fingerprint; a record whose codebook is unknown is a miss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from codec import codec_names, make_codec
+from codec.cachegen import LEVELS, count_symbols
+from codec.codebook import codebooks, profile_codebook
+from kvstore.chunk import Chunk
+from kvstore.keys import chunk_refs
+from kvstore.record import decode_record, encode_record, parse_header
+from kvstore.store import TieredStore
+from kvstore.tiers import DiskTier, MemoryTier
+from kvstore.tiers.redis import RedisTier
+from tests.support.redis_servers import RedisServer
+
+CT = 32
+SHAPE = (2, 2, CT, 2, 16)
+MODEL = "tiers-test-model"
+LOSSY_TOL = {"int8": 0.02, "kivi4": 0.12, "kivi2": 0.5, "cachegen": 0.22, "cachegen1": 0.45, "cachegen3": 0.1}
+
+
+def chunks(n: int, seed: int = 0, model: str = MODEL) -> list[Chunk]:
+    refs = chunk_refs(np.arange(n * CT) + seed * 10_000, namespace="t", model=model, chunk_tokens=CT)
+    g = torch.Generator().manual_seed(seed)
+    return [Chunk.from_ref(r, torch.randn(SHAPE, generator=g).to(torch.float16)) for r in refs]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def codebook():
+    counts = {lv: None for lv in LEVELS}
+    for c in chunks(4, seed=100):
+        for lv, spec in LEVELS.items():
+            counts[lv] = count_symbols(c.kv, spec, counts[lv])
+    cb = profile_codebook(MODEL, counts, 2, 32)
+    codebooks.register(cb)
+    return cb
+
+
+def close_enough(name: str, got: torch.Tensor, want: torch.Tensor, level: int | None = None) -> bool:
+    if make_codec(name).lossless:
+        return torch.equal(got, want)
+    rel = ((got.float() - want.float()).norm() / want.float().norm()).item()
+    return rel < LOSSY_TOL.get(f"{name}{level}", LOSSY_TOL[name])
+
+
+CODECS = [(n, None) for n in codec_names() if n != "cachegen"] + [("cachegen", lv) for lv in sorted(LEVELS)]
+
+
+@pytest.mark.parametrize("name,level", CODECS)
+def test_disk_tier(tmp_path, name, level):
+    tier = DiskTier(tmp_path, 1 << 30, make_codec(name, level), fsync=False)
+    cs = chunks(3)
+    assert tier.put(cs) == [True] * 3
+    got = tier.get([c.key for c in cs])
+    assert all(g is not None and close_enough(name, g.kv, c.kv, level) for g, c in zip(got, cs))
+
+
+def test_cachegen_record_names_the_codebook(codebook):
+    c = chunks(1)[0]
+    header, payload = encode_record(c, make_codec("cachegen", 2))
+    h = parse_header(header + bytes(payload))
+    assert h.codec == "cachegen" and h.codec_params[2:] == codebook.digest
+    assert close_enough("cachegen", decode_record(header + bytes(payload)).kv, c.kv)
+    # a chunk of a model without a codebook carries its own tables
+    other = chunks(1, model="no-codebook-model")[0]
+    header, payload = encode_record(other, make_codec("cachegen", 2))
+    assert len(parse_header(header + bytes(payload)).codec_params) == 2
+
+
+def test_unknown_codebook_is_a_miss(tmp_path):
+    tier = DiskTier(tmp_path, 1 << 30, make_codec("cachegen", 2), fsync=False)
+    c = chunks(1)[0]
+    tier.put([c])
+    saved = dict(codebooks._by_digest)
+    codebooks._by_digest.clear()
+    codebooks._last_scan = float("inf")  # no rescan finds it again
+    try:
+        assert tier.get([c.key]) == [None]
+    finally:
+        codebooks._by_digest.update(saved)
+        codebooks._last_scan = -1e9
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield s
+    s.kill()
+
+
+@pytest.mark.parametrize("name,level", CODECS)
+def test_redis_tier(server, name, level):
+    tier = RedisTier(server.url, make_codec(name, level), prefix=f"codec-{name}-{level}:")
+    cs = chunks(2, seed=7)
+    assert tier.put(cs) == [True] * 2
+    got = tier.get([c.key for c in cs])
+    assert all(g is not None and close_enough(name, g.kv, c.kv, level) for g, c in zip(got, cs))
+    tier.close()
+
+
+@pytest.mark.parametrize("name,level", [("cachegen", 2), ("kivi2", None), ("int8", None)])
+def test_store_memory_disk_redis(tmp_path, server, name, level):
+    mem = MemoryTier(1 << 20)
+    disk = DiskTier(tmp_path, 1 << 30, make_codec(name, level), fsync=False)
+    remote = RedisTier(server.url, make_codec(name, level), prefix=f"store-{name}:")
+    store = TieredStore([mem, disk, remote], chunk_tokens=CT)
+    cs = chunks(3, seed=11)
+    store.put(cs)
+    assert store.flush(10)
+    # a fresh store over the same disk and Redis (no memory copy) loads through the codec
+    fresh = TieredStore([MemoryTier(1 << 20), DiskTier(tmp_path, 1 << 30, make_codec(name, level), fsync=False),
+                         RedisTier(server.url, make_codec(name, level), prefix=f"store-{name}:")], chunk_tokens=CT)
+    got = fresh.get([c.key for c in cs])
+    assert all(g is not None and close_enough(name, g.kv, c.kv, level) for g, c in zip(got, cs))
+    for s in (store, fresh):
+        s.close()
