@@ -45,8 +45,8 @@ def memory_store(chunks: int = 256, kv_bytes: int = 4 * 2 * CT * 2 * 32 * 4) -> 
     return TieredStore([MemoryTier(chunks * kv_bytes)], chunk_tokens=CT)
 
 
-def disk_store(path, codec: str) -> TieredStore:
-    return TieredStore([DiskTier(path, 1 << 30, make_codec(codec), fsync=False)], chunk_tokens=CT)
+def disk_store(path, codec: str, level: int | None = None) -> TieredStore:
+    return TieredStore([DiskTier(path, 1 << 30, make_codec(codec, level), fsync=False)], chunk_tokens=CT)
 
 
 def test_memory_tier_hits_generate_the_same_tokens(shipped, text_ids):
@@ -238,3 +238,32 @@ def test_llama_family_models(arch):
         gen = conn.generate(ids, NEW)
     assert gen.report.reused_tokens == 4 * CT
     assert gen.tokens == ref
+
+
+# -- a lossy tier codec: bounded, not equal ---------------------------------------------------------------
+
+KL_BOUND = {1: 0.05, 2: 0.01, 3: 0.005}  # mean KL of the first token's distribution vs a full prefill
+
+
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_cachegen_disk_tier_stays_within_its_fidelity_bound(shipped, tmp_path, level):
+    from benchmarks.models.evalset import load_rag
+
+    model, tok = shipped
+    kls, agree = [], 0
+    for k in range(3, 8):
+        ids = np.asarray(tok(load_rag()[k].prompt(), add_special_tokens=False)["input_ids"], dtype=np.uint32)[:300]
+        path = tmp_path / str(k)
+        with HFConnector(model, disk_store(path, "cachegen", level)) as conn:
+            conn.generate(ids, 1)
+        with HFConnector(model, disk_store(path, "cachegen", level)) as conn:
+            pre = conn.prefill(ids)
+        assert pre.report.tokens_by_tier == {"disk": 288}
+        with torch.inference_mode():
+            full = model(torch.from_numpy(ids.astype(np.int64)).reshape(1, -1)).logits[0, -1]
+        lp, lq = torch.log_softmax(full, -1), torch.log_softmax(pre.logits, -1)
+        kls.append(float((lp.exp() * (lp - lq)).sum()))
+        agree += int(torch.argmax(full)) == int(torch.argmax(pre.logits))
+        assert not torch.equal(full, pre.logits)  # really lossy: the KV did come through the codec
+    assert np.mean(kls) <= KL_BOUND[level], kls
+    assert agree >= 4
