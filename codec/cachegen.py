@@ -22,6 +22,7 @@ Params (in the record header): version u8 | level u8 | codebook digest (16 bytes
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,7 @@ from numba import njit, prange
 from codec import rans
 from codec.base import Codec, CodecError, register
 from codec.codebook import Codebook, codebooks
+from codec.rans import _load, _symbol
 
 FORMAT_VERSION = 1
 PARAMS_VERSION = 1
@@ -73,14 +75,15 @@ LEVELS: dict[int, Level] = {
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _stats(x, n_tok, n_chan, sumsq, maxabs):  # pragma: no cover - numba
-    """x [LK * T * C] float32 -> sumsq [LK] float64, maxabs [LK * C] float32 (zeroed by the caller)."""
+def _stats(x16, x32, lut16, n_tok, n_chan, sumsq, maxabs):  # pragma: no cover - numba
+    """input [LK * T * C] (see `rans._load`) -> sumsq [LK] float64, maxabs [LK * C] float32 (zeroed by the
+    caller)."""
     for lk in prange(sumsq.shape[0]):
         ss = 0.0
         for t in range(n_tok):
             base = (lk * n_tok + t) * n_chan
             for c in range(n_chan):
-                v = x[base + c]
+                v = _load(x16, x32, lut16, base + c)
                 ss += np.float64(v) * v
                 a = abs(v)
                 if not a <= maxabs[lk * n_chan + c]:  # also propagates NaN
@@ -89,16 +92,15 @@ def _stats(x, n_tok, n_chan, sumsq, maxabs):  # pragma: no cover - numba
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _quantize(x, n_tok, n_chan, step, m, sym):  # pragma: no cover - numba
-    """x [LK * T * C] float32, step [LK * C] float32 -> sym [LK * T * C] uint8 in [0, 2m]."""
+def _quantize(x16, x32, lut16, n_tok, n_chan, step, m, sym):  # pragma: no cover - numba
+    """input [LK * T * C], step [LK * C] float32 -> sym [LK * T * C] uint8 in [0, 2m] (the same rule
+    as the fused encoder, `rans._symbol`)."""
     n_lk = step.shape[0] // n_chan
     for lk in prange(n_lk):
         for t in range(n_tok):
             base = (lk * n_tok + t) * n_chan
             for c in range(n_chan):
-                q = np.rint(x[base + c] / step[lk * n_chan + c])
-                q = min(max(q, -m), m)
-                sym[base + c] = np.uint8(q + m)
+                sym[base + c] = np.uint8(_symbol(_load(x16, x32, lut16, base + c), step[lk * n_chan + c], m))
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -112,6 +114,56 @@ def _count(sym, n_tok, n_chan, alphabet, counts):  # pragma: no cover - numba
                 counts[lk * n_chan + c, sym[base + c]] += 1
 
 
+@njit(inline="always")
+def _f32_to_f16(u):  # pragma: no cover - numba
+    """float32 bits -> float16 bits, round to nearest even (as torch's .to(float16))."""
+    sign = (u >> 16) & 0x8000
+    a = u & 0x7FFFFFFF
+    if a >= 0x7F800000:
+        return sign | (0x7E00 if a > 0x7F800000 else 0x7C00)
+    if a >= 0x477FF000:  # rounds to >= 2**16: infinity
+        return sign | 0x7C00
+    if a < 0x38800000:  # below float16's smallest normal: a subnormal (or zero)
+        e = a >> 23
+        sh = 126 - e
+        if sh > 24:
+            return sign
+        mant = (a & 0x7FFFFF) | 0x800000
+        q = mant >> sh
+        r = mant & ((1 << sh) - 1)
+        half = 1 << (sh - 1)
+        if r > half or (r == half and (q & 1) == 1):
+            q += 1
+        return sign | q
+    a = a - 0x38000000 + 0xFFF + ((a >> 13) & 1)
+    return sign | (a >> 13)
+
+
+@njit(inline="always")
+def _f32_to_bf16(u):  # pragma: no cover - numba
+    """float32 bits -> bfloat16 bits, round to nearest even (as torch's .to(bfloat16))."""
+    if (u & 0x7FFFFFFF) > 0x7F800000:
+        return (u >> 16) | 0x40
+    return (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _value_table(step, m, kind, vals32, vals16):  # pragma: no cover - numba
+    """step [N] float32 -> vals32 [N, A] float32 = (s - m) * step (exact: an 8-bit integer times a
+    bfloat16), and for kind 1 / 2 (float16 / bfloat16 output) vals16 [N, A] their bits."""
+    bits = vals32.view(np.uint32)
+    a = vals32.shape[1]
+    for i in prange(vals32.shape[0]):
+        for s in range(a):
+            vals32[i, s] = np.float32(s - m) * step[i]
+        if kind == 1:
+            for s in range(a):
+                vals16[i, s] = _f32_to_f16(np.int64(bits[i, s]))
+        elif kind == 2:
+            for s in range(a):
+                vals16[i, s] = _f32_to_bf16(np.int64(bits[i, s]))
+
+
 def _bf16_up(step: np.ndarray) -> np.ndarray:
     """float32 steps -> bfloat16 bits (uint16), rounded up so that no symbol leaves the alphabet."""
     bits = step.astype(np.float32).view(np.uint32).astype(np.uint64)
@@ -122,14 +174,30 @@ def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def quantize(kv: torch.Tensor, level: Level) -> tuple[np.ndarray, np.ndarray]:
-    """kv [L, 2, T, H, D] (CPU) -> (symbols [L * 2, T, C] uint8, step bits [L * 2 * C] uint16)."""
+def _input(kv: torch.Tensor) -> tuple[np.ndarray, str]:
+    """kv (CPU) -> (flat array, kind): float32 values ("f32"), or float16 / bfloat16 bits as uint16
+    ("f16" / "bf16"), without a conversion pass."""
+    kv = kv.detach()
+    if kv.dtype in (torch.float16, torch.bfloat16):
+        bits = kv.contiguous().view(torch.int16).reshape(-1).numpy().view(np.uint16)
+        return bits, ("f16" if kv.dtype == torch.float16 else "bf16")
+    return kv.to(torch.float32).contiguous().reshape(-1).numpy(), "f32"
+
+
+def _kernel_input(x: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if kind == "f32":
+        return rans._NO16, x, rans._F16_LUT
+    return x, rans._NO32, (rans._F16_LUT if kind == "f16" else rans._BF16_LUT)
+
+
+def steps(kv: torch.Tensor, level: Level) -> tuple[np.ndarray, str, np.ndarray, np.ndarray]:
+    """kv [L, 2, T, H, D] (CPU) -> (input, kind, step [L * 2 * C] float32, step bits uint16)."""
     layers, _, n_tok = kv.shape[:3]
     n_chan = kv.shape[3] * kv.shape[4]
-    x = kv.detach().to(torch.float32).contiguous().reshape(-1).numpy()  # [L * 2 * T * C]
+    x, kind = _input(kv)
     sumsq = np.zeros(layers * 2, dtype=np.float64)
     maxabs = np.zeros(layers * 2 * n_chan, dtype=np.float32)
-    _stats(x, n_tok, n_chan, sumsq, maxabs)
+    _stats(*_kernel_input(x, kind), n_tok, n_chan, sumsq, maxabs)
     if not (np.isfinite(sumsq).all() and np.isfinite(maxabs).all()):
         raise CodecError("cachegen cannot encode KV with non-finite values")
     rms = np.sqrt(sumsq / (n_tok * n_chan)).astype(np.float32)
@@ -139,8 +207,16 @@ def quantize(kv: torch.Tensor, level: Level) -> tuple[np.ndarray, np.ndarray]:
     step = _bf16_to_f32(bits)
     if not np.isfinite(step).all():
         raise CodecError("cachegen cannot encode KV this large (step size overflows bfloat16)")
+    return x, kind, step, bits
+
+
+def quantize(kv: torch.Tensor, level: Level) -> tuple[np.ndarray, np.ndarray]:
+    """kv [L, 2, T, H, D] (CPU) -> (symbols [L * 2, T, C] uint8, step bits [L * 2 * C] uint16)."""
+    layers, _, n_tok = kv.shape[:3]
+    n_chan = kv.shape[3] * kv.shape[4]
+    x, kind, step, bits = steps(kv, level)
     sym = np.empty(x.size, dtype=np.uint8)
-    _quantize(x, n_tok, n_chan, step, level.m, sym)
+    _quantize(*_kernel_input(x, kind), n_tok, n_chan, step, level.m, sym)
     return sym.reshape(layers * 2, n_tok, n_chan), bits
 
 
@@ -154,13 +230,21 @@ def count_symbols(kv: torch.Tensor, level: Level, counts: np.ndarray | None = No
     return counts
 
 
+_OUT_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_vals_buf = threading.local()  # per-thread value tables, reused across calls of the same shape
+
+
 def dequantize_values(step_bits: np.ndarray, level: Level, dtype: torch.dtype) -> np.ndarray:
-    """[N] step bits -> [N, A] the output element's bits for each symbol (uint16 or uint32)."""
-    step = torch.from_numpy(_bf16_to_f32(step_bits).copy())
-    q = torch.arange(level.alphabet, dtype=torch.float32) - level.m
-    ibits, npbits = _OUT_BITS[dtype]
-    vals = (q[None, :] * step[:, None]).to(dtype)  # [N, A]
-    return vals.view(ibits).numpy().view(npbits)
+    """[N] step bits -> [N, A] the output element's bits for each symbol (uint16 or uint32).
+
+    The returned array is a per-thread buffer, valid until this thread's next call."""
+    n, a = step_bits.size, level.alphabet
+    buf = getattr(_vals_buf, "buf", None)
+    if buf is None or buf[0].shape != (n, a):
+        buf = _vals_buf.buf = (np.empty((n, a), dtype=np.float32), np.empty((n, a), dtype=np.uint16))
+    kind = _OUT_KIND[dtype]
+    _value_table(rans._BF16_LUT[step_bits], level.m, kind, buf[0], buf[1])
+    return buf[0].view(np.uint32) if kind == 0 else buf[1]
 
 
 # ---- per-chunk tables (the fallback when no codebook exists) ----
@@ -278,7 +362,7 @@ class CacheGenCodec(Codec):
         n_chan = heads * dim
         if layers >= 1 << 16 or n_tok == 0:
             raise CodecError(f"cachegen cannot encode KV of shape {tuple(kv.shape)}")
-        sym, step_bits = quantize(kv, self.spec)
+        x, kind, step, step_bits = steps(kv, self.spec)
         parts = [_HEAD.pack(MAGIC, FORMAT_VERSION, self.level, 0, GROUP, layers, n_chan, n_tok)]
         if self.codebook is not None:
             if (self.codebook.layers, self.codebook.channels) != (layers, n_chan):
@@ -288,12 +372,14 @@ class CacheGenCodec(Codec):
             tables = self.codebook.tables(self.level)
             parts.append(step_bits.astype("<u2").tobytes())
         else:
-            freq = chunk_tables(sym, self.spec)
+            sym = np.empty(x.size, dtype=np.uint8)
+            _quantize(*_kernel_input(x, kind), n_tok, n_chan, step, self.spec.m, sym)
+            freq = chunk_tables(sym.reshape(layers * 2, n_tok, n_chan), self.spec)
             tables = rans.CodingTables.from_freqs(freq)
-            blob = self._table_blob(sym, freq)
+            blob = pack_tables(freq)
             parts[0] = _HEAD.pack(MAGIC, FORMAT_VERSION, self.level, _FLAG_CHUNK_TABLES, GROUP, layers, n_chan, n_tok)
             parts += [step_bits.astype("<u2").tobytes(), struct.pack("<I", len(blob)), blob]
-        counts, words = rans.encode(sym, n_tok, n_chan, GROUP, tables)
+        counts, words = rans.encode(x, kind, n_tok, n_chan, GROUP, step, self.spec.m, tables)
         parts += [counts.astype("<u4").tobytes(), words.astype("<u2").tobytes()]
         return b"".join(parts)
 
@@ -361,8 +447,8 @@ class CacheGenCodec(Codec):
         ibits, _ = _OUT_BITS[out.dtype]
         dst = out.view(ibits).reshape(-1).numpy().view(vals.dtype)
         status = np.empty(p.offsets.size - 1, dtype=np.int32)
-        rans.decode_streams(p.words, p.offsets, p.tokens, p.channels, p.group, p.tables.freq, p.tables.cum,
-                            p.tables.lut, vals, dst, status)
+        rans.decode_streams(p.words, p.offsets, p.tokens, p.channels, p.group, p.tables.packed, p.tables.lut,
+                            vals, dst, status)
         if status.any():
             bad = int(np.flatnonzero(status)[0])
             what = "runs past its end" if status[bad] == rans.OVERRUN else "ends in a wrong state"

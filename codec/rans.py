@@ -1,11 +1,12 @@
-"""The entropy coder: interleaved-free rANS streams over per-(layer, K/V, channel) distributions, in numba.
+"""The entropy coder: rANS streams over per-(layer, K/V, channel) distributions, in numba.
 
 Primitives:
 - `normalize_freqs(counts, floor)`: integer frequency tables summing to `2**PREC` (PREC = 15 bits);
 - `CodingTables`: the decode-side tables built once per set of frequency tables (cumulative sums and a
   coarse slot -> symbol lookup);
 - `encode_streams` / `decode_streams`: many independent streams, encoded and decoded in parallel
-  (`numba.prange` over streams).
+  (`numba.prange` over streams); the encoder quantizes as it codes (`encode` wraps it), the decoder runs
+  four streams in lockstep per iteration.
 
 The symbol grid is `sym[lk, t, c]` (uint8) with `lk` = layer * 2 + K/V, `t` the token and `c` the flattened
 channel `h * D + d`. Stream `s` covers one `lk` and the channel group `[g * G, g * G + G)` and visits its
@@ -20,6 +21,7 @@ raising inside the kernel; the caller turns a non-zero status into `CodecError`.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numba
@@ -66,6 +68,7 @@ class CodingTables:
     freq: np.ndarray  # [N, A] uint32
     cum: np.ndarray  # [N, A + 1] uint32, cum[:, A] == TOTAL
     lut: np.ndarray  # [N, 2**LUT_BITS] uint8: the symbol whose range holds the bucket's first slot
+    packed: np.ndarray  # [N, A] uint32: cum | freq << 16 (one load per symbol in the CPU kernels)
 
     @property
     def alphabet(self) -> int:
@@ -83,7 +86,8 @@ class CodingTables:
             raise ValueError(f"frequency tables must each sum to {TOTAL}")
         lut = np.empty((freq.shape[0], 1 << LUT_BITS), dtype=np.uint8)
         _build_lut(cum, lut)
-        return cls(freq, cum, lut)
+        packed = cum[:, :-1] | (freq << 16)
+        return cls(freq, cum, lut, packed)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -99,33 +103,78 @@ def _build_lut(cum, lut):  # pragma: no cover - numba
             lut[i, b] = s
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def encode_streams(sym, n_tok, n_chan, group, freq, cum, scratch, starts):  # pragma: no cover - numba
-    """sym [LK * T * C] uint8 -> per stream, words at scratch[s, starts[s]:] (uint16).
+@njit(inline="always")
+def _symbol(v, step, m):  # pragma: no cover - numba
+    """The quantization rule, shared by every kernel that quantizes: round(v / step) + m, clamped."""
+    q = np.rint(v / step)
+    q = min(max(q, -m), m)
+    return np.int64(q) + m
 
-    scratch: [n_streams, T * group + 2] uint16; starts: [n_streams] int64 (written).
-    Returns nothing; a symbol with frequency 0 never occurs (the caller's tables guarantee it).
+
+@njit(inline="always")
+def _load(x16, x32, lut16, i):  # pragma: no cover - numba
+    """Element i of the input as float32: x16 holds float16/bfloat16 bits (decoded through lut16 [65536]),
+    or x32 holds the floats themselves (x16 empty)."""
+    if x16.shape[0] > 0:
+        return lut16[x16[i]]
+    return x32[i]
+
+
+@njit(inline="always")
+def _enc_put(x, f, cum, inv, scratch, s, p):  # pragma: no cover - numba
+    """One rANS encoder step (state x < 2**32, frequency f, cumulative cum); returns (x, p)."""
+    if x >= (f << (32 - PREC)):
+        p -= 1
+        scratch[s, p] = x & 0xFFFF
+        x >>= 16
+    # x // f without a 64-bit division: a float reciprocal, then an exact fix-up (x < 2**32)
+    q = np.int64(np.float64(x) * inv[f])
+    r = x - q * f
+    if r < 0:
+        q -= 1
+        r += f
+    elif r >= f:
+        q += 1
+        r -= f
+    return (q << PREC) + r + cum, p
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def encode_streams(x16, x32, lut16, n_tok, n_chan, group, step, m, packed, inv, scratch, starts):  # pragma: no cover
+    """Quantize and encode in one pass: the input [LK * T * C] (see `_load`) -> per stream, words at
+    scratch[s, starts[s]:] (uint16).
+
+    step [LK * C] float32; packed [N, A] uint32 (cum | freq << 16); inv [TOTAL + 1] float64 (1 / f);
+    scratch [n_streams, T * group + 2] uint16; starts [n_streams] int64 (written).
+    A symbol with frequency 0 never occurs (the caller's tables guarantee it).
     """
     n_groups = (n_chan + group - 1) // group
-    n_streams = scratch.shape[0]
-    cap = scratch.shape[1]
-    for s in prange(n_streams):
+    for s in prange(scratch.shape[0]):
         lk = s // n_groups
         c0 = (s % n_groups) * group
         c1 = min(c0 + group, n_chan)
         x = np.int64(RANS_L)
-        p = cap
+        p = scratch.shape[1]
         for t in range(n_tok - 1, -1, -1):
             base = (lk * n_tok + t) * n_chan
             for c in range(c1 - 1, c0 - 1, -1):
                 tb = lk * n_chan + c
-                sy = sym[base + c]
-                f = np.int64(freq[tb, sy])
+                e = np.int64(packed[tb, _symbol(_load(x16, x32, lut16, base + c), step[tb], m)])
+                f = e >> 16
                 if x >= (f << (32 - PREC)):
                     p -= 1
                     scratch[s, p] = x & 0xFFFF
                     x >>= 16
-                x = ((x // f) << PREC) + (x % f) + np.int64(cum[tb, sy])
+                # x // f without a 64-bit division: a float reciprocal, then an exact fix-up (x < 2**32)
+                q = np.int64(np.float64(x) * inv[f])
+                r = x - q * f
+                if r < 0:
+                    q -= 1
+                    r += f
+                elif r >= f:
+                    q += 1
+                    r -= f
+                x = (q << PREC) + r + (e & 0xFFFF)
         p -= 2
         scratch[s, p] = (x >> 16) & 0xFFFF
         scratch[s, p + 1] = x & 0xFFFF
@@ -140,62 +189,124 @@ def gather_streams(scratch, starts, offsets, words):  # pragma: no cover - numba
         words[offsets[s] : offsets[s] + n] = scratch[s, starts[s] : starts[s] + n]
 
 
+@njit(inline="always")
+def _dec(x, pos, last, words, tb, packed, lut):  # pragma: no cover - numba
+    """One rANS decoder step -> (symbol, x, pos). Reads are clamped to the stream's last word instead of
+    branching on the end: a stream that reads past its end ends with pos > end and is reported."""
+    slot = x & (TOTAL - 1)
+    sy = np.int64(lut[tb, slot >> LUT_SHIFT])
+    e = np.int64(packed[tb, sy])
+    while (e & 0xFFFF) + (e >> 16) <= slot:
+        sy += 1
+        e = np.int64(packed[tb, sy])
+    x = (e >> 16) * (x >> PREC) + slot - (e & 0xFFFF)
+    if x < RANS_L:
+        x = (x << 16) | np.int64(words[min(pos, last)])
+        pos += 1
+    return sy, x, pos
+
+
+@njit(inline="always")
+def _dec_open(words, offsets, s):  # pragma: no cover - numba
+    """A stream's (state, first word, end); a stream too short for its state gets state 0 and reads
+    nothing it does not own (it is reported as overrun)."""
+    pos, end = offsets[s], offsets[s + 1]
+    if end - pos < 2:
+        return np.int64(0), end + 1, end
+    return (np.int64(words[pos]) << 16) | np.int64(words[pos + 1]), pos + 2, end
+
+
+@njit(inline="always")
+def _dec_status(x, pos, end):  # pragma: no cover - numba
+    if pos > end:
+        return OVERRUN
+    if x != RANS_L or pos != end:
+        return BAD_STATE
+    return OK
+
+
 @njit(parallel=True, cache=True, nogil=True)
-def decode_streams(words, offsets, n_tok, n_chan, group, freq, cum, lut, vals, out, status):  # pragma: no cover
+def decode_streams(words, offsets, n_tok, n_chan, group, packed, lut, vals, out, status):  # pragma: no cover
     """words (uint16, every stream back to back), offsets [n_streams + 1] -> out [LK * T * C].
 
-    vals [N, A]: the output element (its bits, uint16 or uint32) of each symbol of each table, so the
-    kernel writes the final dtype directly. status [n_streams] int32: OK, OVERRUN or BAD_STATE.
+    packed [N, A] uint32 (cum | freq << 16), lut [N, 2**LUT_BITS] uint8; vals [N, A]: the output element
+    (its bits, uint16 or uint32) of each symbol of each table, so the kernel writes the final dtype
+    directly. status [n_streams] int32: OK, OVERRUN or BAD_STATE.
+    Four streams are decoded in lockstep per iteration (four independent dependency chains that the core
+    overlaps; a last short quad repeats its last stream, which writes the same values). Every loop is
+    bounded by the symbol count, every read by the word array.
     """
     n_groups = (n_chan + group - 1) // group
-    n_streams = offsets.shape[0] - 1
-    mask = TOTAL - 1
-    for s in prange(n_streams):
-        lk = s // n_groups
-        c0 = (s % n_groups) * group
-        c1 = min(c0 + group, n_chan)
-        pos = offsets[s]
-        end = offsets[s + 1]
-        if end - pos < 2:
+    ns = offsets.shape[0] - 1
+    if words.shape[0] == 0:
+        for s in range(ns):
             status[s] = OVERRUN
-            continue
-        x = (np.int64(words[pos]) << 16) | np.int64(words[pos + 1])
-        pos += 2
-        bad = OK
+        return
+    last = words.shape[0] - 1  # reads clamp here; the per-stream end check reports any overrun
+    for qd in prange((ns + 3) // 4):
+        s0 = 4 * qd
+        s1, s2, s3 = min(s0 + 1, ns - 1), min(s0 + 2, ns - 1), min(s0 + 3, ns - 1)
+        lk0, lk1, lk2, lk3 = s0 // n_groups, s1 // n_groups, s2 // n_groups, s3 // n_groups
+        c0, c1, c2, c3 = (s0 % n_groups) * group, (s1 % n_groups) * group, (s2 % n_groups) * group, (s3 % n_groups) * group
+        w0, w1, w2, w3 = min(group, n_chan - c0), min(group, n_chan - c1), min(group, n_chan - c2), min(group, n_chan - c3)
+        x0, p0, e0 = _dec_open(words, offsets, s0)
+        x1, p1, e1 = _dec_open(words, offsets, s1)
+        x2, p2, e2 = _dec_open(words, offsets, s2)
+        x3, p3, e3 = _dec_open(words, offsets, s3)
         for t in range(n_tok):
-            base = (lk * n_tok + t) * n_chan
-            for c in range(c0, c1):
-                tb = lk * n_chan + c
-                slot = x & mask
-                sy = np.int64(lut[tb, slot >> LUT_SHIFT])
-                while cum[tb, sy + 1] <= slot:
-                    sy += 1
-                x = np.int64(freq[tb, sy]) * (x >> PREC) + slot - np.int64(cum[tb, sy])
-                if x < RANS_L:
-                    if pos >= end:
-                        bad = OVERRUN
-                        break
-                    x = (x << 16) | np.int64(words[pos])
-                    pos += 1
-                out[base + c] = vals[tb, sy]
-            if bad != OK:
-                break
-        if bad == OK and (x != RANS_L or pos != end):
-            bad = BAD_STATE
-        status[s] = bad
+            for j in range(group):
+                if j < w0:
+                    tb = lk0 * n_chan + c0 + j
+                    sy, x0, p0 = _dec(x0, p0, last, words, tb, packed, lut)
+                    out[(lk0 * n_tok + t) * n_chan + c0 + j] = vals[tb, sy]
+                if j < w1:
+                    tb = lk1 * n_chan + c1 + j
+                    sy, x1, p1 = _dec(x1, p1, last, words, tb, packed, lut)
+                    out[(lk1 * n_tok + t) * n_chan + c1 + j] = vals[tb, sy]
+                if j < w2:
+                    tb = lk2 * n_chan + c2 + j
+                    sy, x2, p2 = _dec(x2, p2, last, words, tb, packed, lut)
+                    out[(lk2 * n_tok + t) * n_chan + c2 + j] = vals[tb, sy]
+                if j < w3:
+                    tb = lk3 * n_chan + c3 + j
+                    sy, x3, p3 = _dec(x3, p3, last, words, tb, packed, lut)
+                    out[(lk3 * n_tok + t) * n_chan + c3 + j] = vals[tb, sy]
+        status[s0] = _dec_status(x0, p0, e0)
+        status[s1] = _dec_status(x1, p1, e1)
+        status[s2] = _dec_status(x2, p2, e2)
+        status[s3] = _dec_status(x3, p3, e3)
 
 
 def n_streams(lk: int, n_chan: int, group: int) -> int:
     return lk * ((n_chan + group - 1) // group)
 
 
-def encode(sym: np.ndarray, n_tok: int, n_chan: int, group: int, tables: CodingTables) -> tuple[np.ndarray, np.ndarray]:
-    """sym [LK, T, C] uint8 -> (word counts [n_streams] uint32, words uint16)."""
-    lk = sym.shape[0]
-    ns = n_streams(lk, n_chan, group)
-    scratch = np.empty((ns, n_tok * min(group, n_chan) + 2), dtype=np.uint16)
-    starts = np.empty(ns, dtype=np.int64)
-    encode_streams(sym.reshape(-1), n_tok, n_chan, group, tables.freq, tables.cum, scratch, starts)
+_INV = 1.0 / np.maximum(np.arange(TOTAL + 1, dtype=np.float64), 1.0)  # [TOTAL + 1]: 1 / f
+_F16_LUT = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)  # bits -> value
+_BF16_LUT = (np.arange(1 << 16, dtype=np.uint32) << 16).view(np.float32)
+_NO16 = np.empty(0, dtype=np.uint16)
+_NO32 = np.empty(0, dtype=np.float32)
+_scratch = threading.local()  # per-thread encoder scratch, reused across calls of the same shape
+
+
+def _scratch_for(ns: int, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf[0].shape != (ns, cap):
+        buf = _scratch.buf = (np.empty((ns, cap), dtype=np.uint16), np.empty(ns, dtype=np.int64))
+    return buf
+
+
+def encode(x: np.ndarray, kind: str, n_tok: int, n_chan: int, group: int, step: np.ndarray, m: int,
+           tables: CodingTables) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize and encode: x [LK * T * C] (float32 values, or float16 / bfloat16 bits as uint16 with
+    kind "f16" / "bf16"), step [LK * C] float32 -> (word counts [n_streams] uint32, words uint16)."""
+    ns = n_streams(x.size // (n_tok * n_chan), n_chan, group)
+    scratch, starts = _scratch_for(ns, n_tok * min(group, n_chan) + 2)
+    if kind == "f32":
+        x16, x32, lut16 = _NO16, x, _F16_LUT
+    else:
+        x16, x32, lut16 = x, _NO32, (_F16_LUT if kind == "f16" else _BF16_LUT)
+    encode_streams(x16, x32, lut16, n_tok, n_chan, group, step, m, tables.packed, _INV, scratch, starts)
     counts = scratch.shape[1] - starts
     offsets = np.zeros(ns + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])

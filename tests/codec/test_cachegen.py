@@ -173,3 +173,28 @@ def test_normalize_freqs_properties():
         else:
             assert ((f > 0) == (counts > 0))[1:].all()
         CodingTables.from_freqs(f)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_value_tables_round_like_torch(dtype):
+    """The numba value tables (symbol -> output bits) equal torch's rounding of (s - M) * step, over step
+    sizes from float16's subnormal range to beyond its overflow."""
+    from codec.cachegen import _OUT_BITS, dequantize_values
+
+    rng = np.random.default_rng(1)
+    steps = np.concatenate([2.0 ** rng.uniform(-30, 20, 3000), [2.0**-24, 2.0**-25, 3 * 2.0**-26, 65504 / 63, 1e-40]])
+    bits = ((steps.astype(np.float32).view(np.uint32) + 0x8000) >> 16).astype(np.uint16)  # bfloat16 steps
+    level = LEVELS[2]
+    got = dequantize_values(bits, level, dtype).copy()
+    step = torch.from_numpy(_bf16_to_f32(bits).copy())
+    q = torch.arange(level.alphabet, dtype=torch.float32) - level.m
+    want = (q[None, :] * step[:, None]).to(dtype).view(_OUT_BITS[dtype][0]).numpy().view(got.dtype)
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_encode_like_their_float32_values(dtype):
+    """16-bit KV is read as bits (no conversion pass): the payload equals the float32 copy's."""
+    kv = kv_like(seed=4, dtype=dtype)
+    for c in (CacheGenCodec(2), CacheGenCodec(3)):
+        assert c.encode(kv) == c.encode(kv.float())
