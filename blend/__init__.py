@@ -1,3 +1,40 @@
 """Blend: selective recompute so that the KV of chunks stored standalone can be reused at any position
 (CacheBlend-style). Builds on `kernels` (RoPE re-rotation, row scatter) and `kvstore` (standalone keys).
+
+Public API:
+- `blend(model, segments, config) -> BlendResult`: the prompt's KV `[L, 2, T, H, D]`, the last position's
+  logits `[V]`, and a `BlendReport` (rows reused / recomputed per layer, the check layer's deviations and
+  selection, per-layer time);
+- `Segment.cached(tokens, kv, start_pos)` / `Segment.fresh(tokens)`, `SegmentFetch` (KV fetched in the
+  background), `BlendConfig`;
+- `store_segments(store, parts, model=..)` with `Part.passage(tokens)` / `Part.fresh(tokens)`: segments
+  whose passages are looked up in a `TieredStore` under standalone keys;
+- `LayerDriver`: the layer-by-layer access to a transformers Llama/Mistral/Qwen2/Qwen3 model.
+Errors: `BlendError` (a `ValueError`) and its subclasses. See docs/BLEND.md.
 """
+
+from blend.blend import blend
+from blend.errors import BlendError, BlendInputError, BlendModelError
+from blend.model import SUPPORTED_MODEL_TYPES, LayerDriver
+from blend.select import SELECTIONS, kv_deviation
+from blend.store import Part, passage_refs, store_segments
+from blend.types import BlendConfig, BlendReport, BlendResult, Segment, SegmentFetch
+
+__all__ = [
+    "SELECTIONS",
+    "SUPPORTED_MODEL_TYPES",
+    "BlendConfig",
+    "BlendError",
+    "BlendInputError",
+    "BlendModelError",
+    "BlendReport",
+    "BlendResult",
+    "LayerDriver",
+    "Part",
+    "Segment",
+    "SegmentFetch",
+    "blend",
+    "kv_deviation",
+    "passage_refs",
+    "store_segments",
+]

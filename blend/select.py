@@ -1,0 +1,48 @@
+"""Choosing the tokens to recompute: KV deviation per token, and the selection strategies (a registry).
+
+- `kv_deviation(k_new, v_new, k_old, v_old, kind)`: per-row L2 distance `[N]` fp32 between freshly
+  computed and cached KV of the same rows (keys "k", values "v", or both "kv": sqrt of the summed squares).
+- `SELECTIONS[name](deviation, count, generator)`: indices `[count]` into the candidates, sorted
+  ascending. "deviation" takes the highest deviations (ties broken by lower index, deterministic);
+  "random" draws uniformly (the baseline a selection has to beat).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def kv_deviation(k_new: torch.Tensor, v_new: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor,
+                 kind: str) -> torch.Tensor:
+    """k_*, v_*: [N, H, D] (any float dtype, same device) -> [N] fp32 L2 deviation per row."""
+    parts = []
+    if kind in ("k", "kv"):
+        parts.append((k_new.float() - k_old.float()).square().flatten(1).sum(1))
+    if kind in ("v", "kv"):
+        parts.append((v_new.float() - v_old.float()).square().flatten(1).sum(1))
+    return torch.stack(parts).sum(0).sqrt()
+
+
+def _top_deviation(deviation: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    # A stable descending sort: equal deviations keep their order, so the choice is deterministic.
+    order = torch.sort(deviation.float().cpu(), descending=True, stable=True).indices
+    return order[:count].sort().values
+
+
+def _random(deviation: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randperm(deviation.numel(), generator=generator)[:count].sort().values
+
+
+# name -> (deviation [N] fp32, count, generator) -> [count] int64 CPU indices into the N candidates, sorted
+SELECTIONS: dict[str, Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]] = {
+    "deviation": _top_deviation,
+    "random": _random,
+}
+
+
+def select(name: str, deviation: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices [min(count, N)] int64 (CPU, sorted) of the candidates to keep."""
+    count = max(0, min(int(count), deviation.numel()))
+    return SELECTIONS[name](deviation, count, generator)
