@@ -62,7 +62,8 @@ def cache_to_kv(past_key_values, num_layers: int) -> torch.Tensor:
 @torch.inference_mode()
 def prefill_kv(model, input_ids: torch.Tensor) -> torch.Tensor:
     """input_ids: [T] -> KV [L, 2, T, H, D] of a full prefill."""
-    out = model(input_ids.reshape(1, -1).to(model.device), use_cache=True)
+    # Only the KV is wanted: skip the [T, vocab] logits of every position but the last.
+    out = model(input_ids.reshape(1, -1).to(model.device), use_cache=True, logits_to_keep=1)
     return cache_to_kv(out.past_key_values, model.config.num_hidden_layers)
 
 
