@@ -8,11 +8,15 @@ import time
 from typing import Callable
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1,
+                   before: Callable[[], object] | None = None) -> float:
+    """Median seconds of `fn` over `repeats` calls; `before` (untimed) runs ahead of each timed call."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)

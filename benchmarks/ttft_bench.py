@@ -22,13 +22,12 @@ import os
 import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.common import print_table, write_json
+from benchmarks.common import median_seconds, print_table, write_json
 from codec import codec_names, make_codec
 from connectors.hf import HFConnector, compute_chunks, model_fingerprint
 from connectors.shipped_model import load_shipped_model
@@ -56,17 +55,6 @@ def _drop_page_cache() -> bool:
         return True
     except OSError:
         return False
-
-
-def _time(fn, repeats: int, before=None) -> float:
-    times = []
-    for _ in range(repeats):
-        if before:
-            before()
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 LEVELS = {"cachegen": (1, 2, 3)}  # codecs measured at each of their quality levels; zstd at its default
@@ -113,7 +101,7 @@ def main() -> None:
             return model(prompt).logits[0, -1]
 
         ref_top = int(torch.argmax(full()))
-        base = _time(full, repeats)
+        base = median_seconds(full, repeats, warmup=0)
         rows.append([n, "full prefill", "-", f"{base * 1e3:.1f}", "1.000", "-", "-", "-"])
         results[f"ttft_full_ms_{n // 1024}k"] = base * 1e3
 
@@ -144,7 +132,7 @@ def main() -> None:
             ours()  # warm-up (and the first-token check)
             same = int(torch.argmax(reports[0].logits)) == ref_top
             reports.clear()
-            t = _time(ours, repeats, before=_drop_page_cache if cold else None)
+            t = median_seconds(ours, repeats, warmup=0, before=_drop_page_cache if cold else None)
             rep = [p.report for p in reports]
             assert all(r.reused_tokens == n for r in rep), f"{mode}: expected {n} reused tokens"
             load = statistics.median(r.load_s for r in rep)

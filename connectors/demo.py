@@ -105,8 +105,9 @@ def run_demo(config: StoreConfig, echo: Callable[[str], None] = print) -> int:
     echo("loading the model ...")
     model, tok, model_name = _load_model()
     stop_ids = _sentence_end_ids(tok, model.config.vocab_size)
-    tiers = " -> ".join(f"{t}" for t in ([f"cpu memory {config.memory.capacity / 2**20:.0f} MiB"] if config.memory else [])
-                        + [f"disk {config.disk.path} ({config.disk.codec})"])
+    tiers = f"disk {config.disk.path} ({config.disk.codec})"
+    if config.memory:
+        tiers = f"cpu memory {config.memory.capacity / 2**20:.0f} MiB -> {tiers}"
     echo(f"model: {model_name}; store: {tiers}; chunks of {config.chunk_tokens} tokens")
 
     doc_passages, chat_passages = _material()

@@ -145,8 +145,8 @@ class HFConnector:
         if not n:
             return None, 0, {}, fallback
         by_tier: dict[str, int] = {}
-        for s in sources[:n]:
-            by_tier[s or "?"] = by_tier.get(s or "?", 0) + self.chunk_tokens
+        for s in sources[:n]:  # set for every chunk the store returned
+            by_tier[s] = by_tier.get(s, 0) + self.chunk_tokens
         device = self.model.device
         kv = torch.cat([c.kv.to(device, non_blocking=True) for c in chunks[:n]], dim=2)  # [L, 2, n*C, H, D]
         return kv, n, by_tier, fallback

@@ -116,6 +116,14 @@ def check_rerun(second: dict, present_before: int, reference) -> None:
     assert second["failed"] == 0 and not second["interrupted"]
 
 
+def assert_disk_equals_reference(store, manifest, records, contents) -> None:
+    """The manifest and the disk store's records are those of the uninterrupted run, and nothing more."""
+    tier = DiskTier(store, 1 << 30, make_codec("zstd"))
+    assert read_manifest(manifest).records == records
+    assert snapshot(tier, records) == contents and tier.usage().entries == len(contents)
+    tier.close()
+
+
 @pytest.mark.slow
 def test_sigint_stops_cleanly_and_a_rerun_finishes_the_rest(tmp_path, corpus, reference):
     contents, records, _ = reference
@@ -134,10 +142,7 @@ def test_sigint_stops_cleanly_and_a_rerun_finishes_the_rest(tmp_path, corpus, re
     assert present == first["chunks_uploaded"]
     second = run_to_end(corpus, manifest, tmp_path / "s2.json", store=store)
     check_rerun(second, present, reference)
-    tier = DiskTier(store, 1 << 30, make_codec("zstd"))
-    assert read_manifest(manifest).records == records
-    assert snapshot(tier, records) == contents and tier.usage().entries == len(contents)
-    tier.close()
+    assert_disk_equals_reference(store, manifest, records, contents)
 
 
 @pytest.mark.slow
@@ -153,10 +158,7 @@ def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(tmp_path, corpus,
     tier.close()
     second = run_to_end(corpus, manifest, tmp_path / "s2.json", store=store)
     check_rerun(second, present, reference)
-    tier = DiskTier(store, 1 << 30, make_codec("zstd"))
-    assert read_manifest(manifest).records == records
-    assert snapshot(tier, records) == contents and tier.usage().entries == len(contents)
-    tier.close()
+    assert_disk_equals_reference(store, manifest, records, contents)
 
 
 @pytest.mark.slow
