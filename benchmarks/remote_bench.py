@@ -31,8 +31,8 @@ from kvstore.chunk import Chunk
 from kvstore.keys import chunk_refs
 from kvstore.record import encode_record
 from kvstore.tiers import HttpTier, RedisTier
-from tests.support.redis_servers import RedisServer
-from tests.support.service import ServeProcess
+from benchmarks.servers import RedisServer
+from benchmarks.servers import ServeProcess
 
 SHAPE_32M = (32, 2, 256, 8, 128)  # fp16, 32 MiB
 SHAPE_2M = (8, 2, 256, 2, 128)  # fp16, 2 MiB
@@ -97,7 +97,6 @@ def bench_sidecar(url: str, token: str, repeats: int) -> dict:
 
 
 def load_test(url: str, token: str, clients: int, seconds: float) -> dict:
-    kv_by_seed: dict[int, torch.Tensor] = {}
     lock = threading.Lock()
     latencies: list[float] = []
     counts = {"puts": 0, "gets": 0, "errors": 0, "lost": 0, "corrupt": 0, "bytes": 0}

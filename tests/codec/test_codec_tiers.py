@@ -16,7 +16,7 @@ from kvstore.record import decode_record, encode_record, parse_header
 from kvstore.store import TieredStore
 from kvstore.tiers import DiskTier, MemoryTier
 from kvstore.tiers.redis import RedisTier
-from tests.support.redis_servers import RedisServer
+from benchmarks.servers import RedisServer
 
 CT = 32
 SHAPE = (2, 2, CT, 2, 16)

@@ -318,7 +318,7 @@ def test_stored_kv_is_the_codecs_round_trip_of_the_models_kv(tmp_path, shipped, 
 
 
 def test_redis_target_and_a_dead_server_is_reported_not_recorded(tmp_path, shipped, fingerprint):
-    from tests.support.redis_servers import RedisServer
+    from benchmarks.servers import RedisServer
 
     docs = gen_docs(3, seed=11)
     corpus = tmp_path / "c.jsonl"

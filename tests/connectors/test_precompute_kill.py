@@ -163,7 +163,7 @@ def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(tmp_path, corpus,
 
 @pytest.mark.slow
 def test_sigkill_midway_into_redis_then_rerun_equals_an_uninterrupted_run(tmp_path, corpus, reference):
-    from tests.support.redis_servers import RedisServer
+    from benchmarks.servers import RedisServer
 
     contents, records, _ = reference
     manifest = tmp_path / "m.jsonl"

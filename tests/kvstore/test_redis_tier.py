@@ -17,7 +17,7 @@ from kvstore.keys import chunk_refs
 from kvstore.store import TieredStore
 from kvstore.tiers import DiskTier, MemoryTier
 from kvstore.tiers.redis import RedisTier
-from tests.support.redis_servers import RedisCluster, RedisServer
+from benchmarks.servers import RedisCluster, RedisServer
 
 CT = 16
 SHAPE = (2, 2, CT, 2, 8)
@@ -105,7 +105,7 @@ def test_cluster_batches_span_slots(cluster):
 
 
 def test_unreachable_redis_costs_bounded_misses(tmp_path):
-    from tests.support.redis_servers import free_port
+    from benchmarks.servers import free_port
 
     tier = RedisTier(f"redis://127.0.0.1:{free_port()}/0", make_codec("raw"), timeout=0.5, retry_after=5)
     cs = chunks_for(3)

@@ -22,7 +22,8 @@ from kvstore.service import TokenTable, make_app
 from kvstore.store import TieredStore
 from kvstore.tiers import DiskTier, HttpTier, MemoryTier
 from kvstore.wire import FRAME, key_to_json, record_path
-from tests.support.service import ServeProcess, ServiceThread
+from benchmarks.servers import ServeProcess
+from tests.support.service import ServiceThread
 
 CT = 16
 SHAPE = (2, 2, CT, 2, 8)  # [L, 2, T, H, D]: 2 KiB in fp16
