@@ -28,9 +28,9 @@ from benchmarks.common import print_table, write_json
 from benchmarks.fidelity import kl_divergence, top1_agreement
 from benchmarks.models.evalset import load_rag
 from blend import BlendConfig
-from connectors.hf import kv_to_cache
+from connectors.hf import kv_to_cache, run_cached
 from connectors.rag import RagConfig, RagPipeline
-from connectors.shipped_model import load_shipped_model
+from connectors.models import load_model
 from kvstore.store import TieredStore
 from kvstore.tiers.memory import MemoryTier
 
@@ -57,7 +57,7 @@ def target_logits(model, pre, target: torch.Tensor) -> torch.Tensor:
     rows = [pre.logits[None].float()]
     if target.numel() > 1:
         cache = kv_to_cache(pre.kv.clone(), model)
-        out = model(target[None, :-1], past_key_values=cache, use_cache=True)
+        out, _ = run_cached(model, target[None, :-1], cache)
         rows.append(out.logits[0].float())
     return torch.cat(rows)
 
@@ -130,7 +130,7 @@ def main() -> None:
     base = BlendConfig(check_layer=args.check_layer, widen=args.widen, filter_layers=args.filter_layers,
                        deviation=args.deviation)
 
-    model, tok = load_shipped_model(torch.float32)
+    model, tok = load_model("tiny", torch.float32)
     examples = load_rag()
     fid_examples = examples[:n_ex] if n_ex else examples
     store = TieredStore([MemoryTier(4 << 30)])

@@ -69,9 +69,9 @@ def fidelity_data(model, tok, n: int):
 
 @torch.inference_mode()
 def continuation_logits(model, kv, cont):
-    from connectors.hf import kv_to_cache
+    from connectors.hf import kv_to_cache, run_cached
 
-    return model(cont.reshape(1, -1), past_key_values=kv_to_cache(kv, model)).logits[0]  # [CONT, V]
+    return run_cached(model, cont.reshape(1, -1), kv_to_cache(kv, model))[0].logits[0]  # [CONT, V]
 
 
 def through(codec, kv: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -160,11 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     from connectors.hf import model_fingerprint
-    from connectors.shipped_model import load_shipped_model
+    from connectors.models import load_model
 
     torch.manual_seed(0)
     random.seed(0)
-    model, tok = load_shipped_model(torch.float32)
+    model, tok = load_model("tiny", torch.float32)
     fp = model_fingerprint(model)
     cb = codebooks.for_model(fp)
     print(f"model {fp}; codebook: {'shipped, ' + str(len(cb.to_bytes())) + ' bytes raw' if cb else 'none (per-chunk tables)'}")

@@ -35,7 +35,7 @@ from codec import codec_names, make_codec
 from connectors.hf import compute_chunks, model_fingerprint
 from connectors.precompute import PrecomputeJob, PrecomputeOptions, read_corpus
 from connectors.precompute.compute import prefill_padded
-from connectors.shipped_model import load_shipped_model
+from connectors.models import load_model
 from kvstore.tiers import DiskTier
 
 CHUNK = 256  # the job's default chunk_tokens
@@ -97,7 +97,7 @@ def main() -> None:
     args = ap.parse_args()
     n_docs, repeats = (4, 5) if args.quick else (8, 11)
     torch.manual_seed(0)
-    model, tokenizer = load_shipped_model(torch.float32)
+    model, tokenizer = load_model("tiny", torch.float32)
     fingerprint = model_fingerprint(model)
     work = Path(tempfile.mkdtemp(prefix="precompute-bench-"))
     try:

@@ -30,7 +30,7 @@ import torch
 from benchmarks.common import median_seconds, print_table, write_json
 from codec import codec_names, make_codec
 from connectors.hf import HFConnector, compute_chunks, model_fingerprint
-from connectors.shipped_model import load_shipped_model
+from connectors.models import load_model
 from kvstore.store import TieredStore
 from kvstore.tiers import DiskTier, MemoryTier
 
@@ -79,7 +79,7 @@ def main() -> None:
     repeats = args.repeats or (3 if args.quick else 5)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-    model, tok = load_shipped_model(torch.float32)
+    model, tok = load_model("tiny", torch.float32)
     fp = model_fingerprint(model)
     root = Path(args.dir or tempfile.mkdtemp(prefix="ttft-bench-"))
     can_drop = _drop_page_cache()

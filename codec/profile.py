@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunks", type=int, default=48, help="256-token chunks to profile (default 48)")
     args = ap.parse_args(argv)
     if args.model is None:
-        from connectors.shipped_model import load_shipped_model
+        from connectors.models import load_model
 
-        model, tokenizer = load_shipped_model(torch.float32)
+        model, tokenizer = load_model("tiny", torch.float32)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

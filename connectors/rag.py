@@ -27,7 +27,7 @@ from typing import Mapping, Sequence
 import torch
 
 from blend import BlendConfig, BlendReport, LayerDriver, Part, blend, passage_refs, store_segments
-from connectors.hf import cache_to_kv, compute_chunks, decode_greedy, kv_to_cache, model_fingerprint
+from connectors.hf import cache_to_kv, compute_chunks, decode_greedy, kv_to_cache, model_fingerprint, run_cached
 from kvstore.keys import ChunkKind
 
 
@@ -150,8 +150,8 @@ class RagPipeline:
         t = time.perf_counter()
         if full_prefill:
             with torch.inference_mode():
-                out = self.model(ids[None].to(self.driver.device), use_cache=True, logits_to_keep=1)
-            kv = cache_to_kv(out.past_key_values, self.driver.num_layers)
+                out, cache = run_cached(self.model, ids[None].to(self.driver.device), logits_to_keep=1)
+            kv = cache_to_kv(cache, self.driver.num_layers)
             return Prefill(ids, kv, out.logits[0, -1], time.perf_counter() - t, None)
         cfg = self.config.blend if blend_config is None else blend_config
         if not isinstance(cfg, BlendConfig):

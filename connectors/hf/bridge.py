@@ -6,12 +6,16 @@
 - `prefill_kv(model, input_ids)`: run a prefill and return its KV as `[L, 2, T, H, D]` (post-RoPE keys).
 - `cache_to_kv(cache, num_layers)` / `kv_to_cache(kv, model)`: between a transformers cache (batch 1) and
   the store's layout.
+- `run_cached(model, input_ids, cache, **kw)`: a forward that extends a transformers cache, under whichever
+  name the installed transformers gives the cache argument (`past_key_values` before 5.2x, `cache` after).
 - `compute_chunks(model, token_ids, fingerprint=.., kind=..)`: prefill a context and cut its KV into the
   store's keyed chunks (prefix chunks of a prompt, or standalone chunks of a passage for blend).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from typing import Collection
 
@@ -49,11 +53,26 @@ def model_fingerprint(model) -> str:
     return f"{cfg.get('model_type', 'model')}-{dtype}-{h.hexdigest()[:16]}"
 
 
-def cache_to_kv(past_key_values, num_layers: int) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def _cache_arg(model_class: type) -> str:
+    """The forward's name for the KV cache: transformers renamed `past_key_values` to `cache` (5.2x) and
+    warns on the old name; vLLM pins a release from before the rename, so both are served."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def run_cached(model, input_ids: torch.Tensor, cache=None, **kwargs):
+    """`model(input_ids, <cache>=cache, use_cache=True, **kwargs)` -> (output, the extended cache).
+    input_ids: [B, T]; `cache` is a transformers Cache or None (a fresh one is made)."""
+    name = _cache_arg(type(model))
+    out = model(input_ids, use_cache=True, **{name: cache}, **kwargs)
+    return out, getattr(out, name)
+
+
+def cache_to_kv(cache, num_layers: int) -> torch.Tensor:
     """A transformers cache (batch 1) -> `[L, 2, T, H, D]`."""
     layers = []
     for i in range(num_layers):
-        layer = past_key_values.layers[i]
+        layer = cache.layers[i]
         # keys/values: [B=1, H, T, D] -> [T, H, D]
         layers.append(torch.stack([layer.keys[0].transpose(0, 1), layer.values[0].transpose(0, 1)]))
     return torch.stack(layers).contiguous()
@@ -63,8 +82,8 @@ def cache_to_kv(past_key_values, num_layers: int) -> torch.Tensor:
 def prefill_kv(model, input_ids: torch.Tensor) -> torch.Tensor:
     """input_ids: [T] -> KV [L, 2, T, H, D] of a full prefill."""
     # Only the KV is wanted: skip the [T, vocab] logits of every position but the last.
-    out = model(input_ids.reshape(1, -1).to(model.device), use_cache=True, logits_to_keep=1)
-    return cache_to_kv(out.past_key_values, model.config.num_hidden_layers)
+    _, cache = run_cached(model, input_ids.reshape(1, -1).to(model.device), logits_to_keep=1)
+    return cache_to_kv(cache, model.config.num_hidden_layers)
 
 
 def kv_to_cache(kv: torch.Tensor, model) -> DynamicCache:
@@ -113,7 +132,7 @@ def decode_greedy(model, cache, last_logits: torch.Tensor, max_new_tokens: int,
         out.append(nxt)
         if nxt in stop or step == max_new_tokens - 1:
             break
-        res = model(torch.tensor([[nxt]], device=model.device), past_key_values=cache, use_cache=True)
+        res, cache = run_cached(model, torch.tensor([[nxt]], device=model.device), cache)
         logits = res.logits[0, -1]
     return out
 

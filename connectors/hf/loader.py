@@ -29,7 +29,7 @@ from typing import Collection
 import numpy as np
 import torch
 
-from connectors.hf.bridge import decode_greedy, kv_to_cache, model_fingerprint
+from connectors.hf.bridge import decode_greedy, kv_to_cache, model_fingerprint, run_cached
 from kvstore.chunk import Chunk
 from kvstore.errors import InvalidTokensError
 from kvstore.keys import ChunkRef, as_token_array
@@ -114,7 +114,7 @@ class HFConnector:
         reused = n_hit * self.chunk_tokens
         cache = kv_to_cache(kv, self.model) if kv is not None else None
         rest = torch.from_numpy(ids[reused:].astype(np.int64)).reshape(1, -1).to(self.model.device)
-        out = self.model(rest, past_key_values=cache, use_cache=True)
+        out, cache = run_cached(self.model, rest, cache, logits_to_keep=1)  # only the last position's logits
         logits = out.logits[0, -1]
         t3 = time.perf_counter()
         report.prefill_s = t3 - t2
@@ -122,7 +122,6 @@ class HFConnector:
         report.reused_tokens = reused
         report.computed_tokens = len(ids) - reused
 
-        cache = out.past_key_values
         report.stored_chunks = self._store_async(ids, cache, first_chunk=n_hit)
         return Prefilled(cache, logits, report)
 

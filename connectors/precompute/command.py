@@ -128,25 +128,19 @@ def run_precompute_command(config: StoreConfig, args, sets: dict[str, str]) -> i
     return 0 if summary.ok else 1
 
 
-def _load_model(path: str | None, dtype_name: str, device: str):
+def _load_model(name_or_dir: str, dtype_name: str, device: str):
     import torch
 
+    from connectors.models import ModelSourceError, load_model
     from connectors.precompute.errors import PrecomputeError
 
-    dtype = getattr(torch, dtype_name)
     try:
-        if path is None:
-            from connectors.shipped_model import load_shipped_model, shipped_model_path
-
-            model, tokenizer = load_shipped_model(dtype, device)
-            return model, tokenizer, shipped_model_path().name
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).to(device).eval()
-        return model, tokenizer, Path(path).name
+        model, tokenizer = load_model(name_or_dir, getattr(torch, dtype_name), device)
+    except ModelSourceError:
+        raise
     except (OSError, ValueError, RuntimeError) as e:
-        raise PrecomputeError(f"cannot load the model {path or '(shipped)'} on {device}: {e}") from None
+        raise PrecomputeError(f"cannot load the model {name_or_dir} on {device}: {e}") from None
+    return model, tokenizer, Path(str(name_or_dir)).name
 
 
 def _progress_bar(total: int, mode: bool | None):

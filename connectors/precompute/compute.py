@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from connectors.hf import compute_chunks
+from connectors.hf import compute_chunks, run_cached
 from kvstore.chunk import Chunk
 from kvstore.keys import ChunkKey, ChunkKind, ChunkRef, chunk_refs
 
@@ -103,8 +103,7 @@ def prefill_padded(model, seqs: Sequence[np.ndarray]) -> list[torch.Tensor]:
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.from_numpy(s.astype(np.int64))
         mask[i, : len(s)] = 1
-    out = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    _, cache = run_cached(model, ids.to(model.device), attention_mask=mask.to(model.device), logits_to_keep=1)
     result = []
     for i, n in enumerate(lengths):
         # keys/values of layer l: [B, H, T, D] -> [T_i, H, D] of sequence i

@@ -44,9 +44,9 @@ def small_models():
 
 @pytest.fixture(scope="session")
 def shipped():
-    from connectors.shipped_model import load_shipped_model
+    from connectors.models import load_model
 
-    return load_shipped_model(torch.float32)
+    return load_model("tiny", torch.float32)
 
 
 def passage_segments(model, passages: list[torch.Tensor], question: torch.Tensor,

@@ -10,7 +10,7 @@ import torch
 
 from codec import make_codec
 from connectors.hf import ChatSession, DocumentQA, HFConnector, model_fingerprint
-from connectors.shipped_model import load_shipped_model
+from connectors.models import load_model
 from kvstore.errors import InvalidTokensError
 from kvstore.store import TieredStore
 from kvstore.tiers import DiskTier, MemoryTier
@@ -21,7 +21,7 @@ NEW = 8
 
 @pytest.fixture(scope="module")
 def shipped():
-    model, tok = load_shipped_model(torch.float32)
+    model, tok = load_model("tiny", torch.float32)
     return model, tok
 
 

@@ -21,7 +21,7 @@ from connectors.precompute import (BadEntry, Document, ManifestError, ManifestHe
                                    read_manifest)
 from connectors.precompute.compute import prefill_padded  # noqa: E402
 from connectors.precompute.target import build_target  # noqa: E402
-from connectors.shipped_model import load_shipped_model  # noqa: E402
+from connectors.models import load_model  # noqa: E402
 from kvstore.config import load_config  # noqa: E402
 from kvstore.keys import ChunkKind, chunk_refs  # noqa: E402
 from kvstore.tiers import DiskTier, RedisTier  # noqa: E402
@@ -33,7 +33,7 @@ WORDS = ("the of and river stone tower library festival map city harbor market g
 
 @pytest.fixture(scope="module")
 def shipped():
-    return load_shipped_model(torch.float32)
+    return load_model("tiny", torch.float32)
 
 
 @pytest.fixture(scope="module")

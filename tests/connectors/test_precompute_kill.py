@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from codec import make_codec  # noqa: E402
 from connectors.precompute import PrecomputeJob, PrecomputeOptions, read_corpus, read_manifest  # noqa: E402
-from connectors.shipped_model import load_shipped_model  # noqa: E402
+from connectors.models import load_model  # noqa: E402
 from kvstore.tiers import DiskTier, RedisTier  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,7 +48,7 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(corpus, tmp_path_factory):
     """An uninterrupted run into a fresh disk store: (store contents, manifest records, summary)."""
-    model, tok = load_shipped_model(torch.float32)
+    model, tok = load_model("tiny", torch.float32)
     root = tmp_path_factory.mktemp("reference")
     tier = DiskTier(root / "store", 1 << 30, make_codec("zstd"))
     job = PrecomputeJob(model, tok, tier, PrecomputeOptions(chunk_tokens=CHUNK, namespace="kill"), root / "m.jsonl")
@@ -78,7 +78,7 @@ def cli(corpus: Path, manifest: Path, summary: Path, *args: str, store: Path | N
     if store is not None:
         sets += ["--set", f"disk.path={store}"]
     cmd = [sys.executable, "-m", "kvstore", *sets, "precompute", str(corpus), "--manifest", str(manifest),
-           "--summary", str(summary), "--no-progress", *args]
+           "--summary", str(summary), "--no-progress", "--model", "tiny", *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -15,9 +15,9 @@ from kvstore.tiers.memory import MemoryTier
 @pytest.fixture(scope="module")
 def setup():
     from benchmarks.models.evalset import load_rag
-    from connectors.shipped_model import load_shipped_model
+    from connectors.models import load_model
 
-    model, tok = load_shipped_model(torch.float32)
+    model, tok = load_model("tiny", torch.float32)
     examples = load_rag()[:3]
     store = TieredStore([MemoryTier(512 << 20)], chunk_tokens=64)
     pipe = RagPipeline(model, tok, store, RagConfig(namespace="ragtest", max_new_tokens=6,

@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.models import evalset  # noqa: E402
-from connectors.shipped_model import load_shipped_model, shipped_model_path  # noqa: E402
+from connectors.models import load_model, model_path  # noqa: E402
 
 # Held-out 1-hop questions (teacher-forced greedy match of the whole target): the shipped model gets
 # 68/120 = 0.57 against a chance of 0.33 (docs/MODEL.md); the bound leaves room for float differences.
@@ -20,11 +20,11 @@ N_GENERATE = 10
 @pytest.fixture(scope="module")
 def shipped():
     torch.manual_seed(0)
-    return load_shipped_model(torch.float32)
+    return load_model("tiny", torch.float32)
 
 
 def test_fixture_files_and_size():
-    path = shipped_model_path()
+    path = model_path("tiny")
     names = {p.name for p in path.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
     assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names), "no pickle in the fixture"
