@@ -1,6 +1,6 @@
 """Blend benchmark: fidelity and time to first token of blend against full prefill and naive reuse.
 
-On the shipped model's held-out RAG set (benchmarks/models/heldout/rag.jsonl) every passage is
+On SmolLM2-135M-Instruct by default (`--model tiny`: the project's 4-layer model), over the held-out RAG set (benchmarks/models/heldout/rag.jsonl) every passage is
 precomputed as standalone chunks in a memory-tier `TieredStore` through the RAG API; each example's prompt
 (`passages SEP ... question`) is then prefilled by each method:
 - full prefill (the reference), naive reuse (ratio 0: cached KV concatenated, only separators and the
@@ -8,11 +8,11 @@ precomputed as standalone chunks in a memory-tier `TieredStore` through the RAG 
   selection at the same ratios (the baseline a selection has to beat);
 - for each: greedy exact match of the target (teacher forced over the prefilled KV), KL(full || method)
   and top-1 agreement on the target positions.
-TTFT: a ~4K-token context built from held-out passages (beyond the 1024 tokens the model was trained
-on: timing only), each method's time to the last logits (store fetch + blend, or the model's own
+TTFT: a ~4K-token context built from held-out passages (for the tiny model beyond the 1024 tokens it
+was trained on: timing only), each method's time to the last logits (store fetch + blend, or the model's own
 prefill), median of repeats, methods interleaved round-robin; reported as method / full prefill.
 
-    python -m benchmarks.blend_bench [--quick] [--json PATH]
+    python -m benchmarks.blend_bench [--quick] [--json PATH] [--model tiny]
 """
 
 from __future__ import annotations
@@ -24,13 +24,12 @@ import time
 
 import torch
 
-from benchmarks.common import print_table, write_json
+from benchmarks.common import add_model_option, load_bench_model, print_table, write_json
 from benchmarks.fidelity import kl_divergence, top1_agreement
 from benchmarks.models.evalset import load_rag
 from blend import BlendConfig
 from connectors.hf import kv_to_cache, run_cached
 from connectors.rag import RagConfig, RagPipeline
-from connectors.models import load_model
 from kvstore.store import TieredStore
 from kvstore.tiers.memory import MemoryTier
 
@@ -123,6 +122,7 @@ def main() -> None:
     ap.add_argument("--check-layer", type=int, default=getattr(BlendConfig(), 'check_layer'))
     ap.add_argument("--widen", type=float, default=getattr(BlendConfig(), 'widen'))
     ap.add_argument("--filter-layers", type=int, default=getattr(BlendConfig(), 'filter_layers'))
+    add_model_option(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     n_ex = args.examples or (30 if args.quick else None)
@@ -130,7 +130,7 @@ def main() -> None:
     base = BlendConfig(check_layer=args.check_layer, widen=args.widen, filter_layers=args.filter_layers,
                        deviation=args.deviation)
 
-    model, tok = load_model("tiny", torch.float32)
+    model, tok, info = load_bench_model(args.model)
     examples = load_rag()
     fid_examples = examples[:n_ex] if n_ex else examples
     store = TieredStore([MemoryTier(4 << 30)])
@@ -150,11 +150,11 @@ def main() -> None:
         f, s = fid[name], tt[name]
         rows.append([name, f"{f['acc']:.3f}", f"{f['kl']:.4f}", f"{f['top1']:.3f}", f"{f['frac']:.3f}",
                      f"{s['s'] * 1e3:.0f}", f"{s['ratio']:.3f}"])
-    print(f"\n{len(fid_examples)} held-out examples; TTFT at {tt['tokens']} tokens of context, median of {repeats}")
+    print(f"\n{info['model']} ({info['model_layers']} layers); {len(fid_examples)} held-out examples; TTFT at {tt['tokens']} tokens of context, median of {repeats}")
     print_table(["method", "accuracy", "KL vs full", "top-1 vs full", "recompute", "TTFT ms", "TTFT / full"], rows)
     kl_naive = fid["naive"]["kl"]
     out = {
-        "examples": len(fid_examples), "ttft_tokens": tt["tokens"], "ttft_full_s": tt["full_s"],
+        **info, "examples": len(fid_examples), "ttft_tokens": tt["tokens"], "ttft_full_s": tt["full_s"],
         "config": {"check_layer": base.check_layer, "widen": base.widen, "filter_layers": base.filter_layers,
                    "deviation": base.deviation},
         "acc_full": fid["full"]["acc"], "kl_naive": kl_naive, "acc_naive": fid["naive"]["acc"],

@@ -1,8 +1,10 @@
 """Codec benchmark: size, error, model fidelity and speed of every codec and cachegen level.
 
-    python -m benchmarks.codec_bench [--quick] [--json PATH]
+    python -m benchmarks.codec_bench [--quick] [--json PATH] [--model tiny]
 
-On the shipped model's KV (held-out RAG prompts, 256-token chunks): bits per element with all metadata
+On SmolLM2-135M-Instruct's KV by default (contexts of 512 tokens from `benchmarks.texts.evaluation_text`,
+256-token chunks; its codebook was profiled on other text, the Python language reference; `--model tiny`:
+the tiny model on its held-out RAG prompts): bits per element with all metadata
 (payload + codec params), relative reconstruction error per layer, and next-token fidelity: the context's
 KV goes through the codec and the continuation is run on the decoded KV, against the unquantized KV
 (KL and top-1 agreement). Speed on a random 32 layers x 8 KV heads x 128 chunk (fp16, 2 threads), in MB/s
@@ -20,12 +22,12 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import print_table, write_json
+from benchmarks.common import add_model_option, load_bench_model, print_table, write_json
 from benchmarks.fidelity import mean_kl, mean_top1_agreement
 from benchmarks.models.evalset import load_rag
 from codec import make_codec
 from codec import rans
-from codec.cachegen import LEVELS, CacheGenCodec, chunk_tables, quantize
+from codec.cachegen import LEVELS, CacheGenCodec, quantize
 from codec.codebook import codebooks
 
 CHUNK = 256
@@ -52,12 +54,24 @@ def lmcache_packing_bytes(kv: torch.Tensor, level: int) -> int:
     return ours_fallback - blob + n_tab * (c.spec.alphabet + 1) * 2
 
 
-def fidelity_data(model, tok, n: int):
+def _token_windows(model_name: str, tok) -> list[torch.Tensor]:
+    """Token ids of candidate contexts: consecutive windows of the evaluation text, or for the tiny model
+    its held-out RAG prompts."""
+    span = 2 * CHUNK + CONT
+    if model_name == "tiny":
+        return [torch.tensor(tok.encode(ex.prompt())) for ex in load_rag()]
+    from benchmarks.texts import evaluation_text
+
+    ids = torch.tensor(tok(evaluation_text(), add_special_tokens=False, verbose=False)["input_ids"])
+    return [ids[s : s + span] for s in range(0, len(ids) - span + 1, span)]
+
+
+def fidelity_data(model_name: str, model, tok, n: int):
+    """Up to n (KV of a 512-token context [L, 2, 512, H, D], its next CONT token ids)."""
     from connectors.hf import prefill_kv
 
     data = []
-    for ex in load_rag():
-        ids = torch.tensor(tok.encode(ex.prompt()))
+    for ids in _token_windows(model_name, tok):
         if len(ids) < 2 * CHUNK + CONT:
             continue
         ctx, cont = ids[: 2 * CHUNK], ids[2 * CHUNK : 2 * CHUNK + CONT]
@@ -158,21 +172,22 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None)
+    add_model_option(ap)
     args = ap.parse_args(argv)
     from connectors.hf import model_fingerprint
-    from connectors.models import load_model
 
     torch.manual_seed(0)
     random.seed(0)
-    model, tok = load_model("tiny", torch.float32)
+    model, tok, info = load_bench_model(args.model)
     fp = model_fingerprint(model)
     cb = codebooks.for_model(fp)
-    print(f"model {fp}; codebook: {'shipped, ' + str(len(cb.to_bytes())) + ' bytes raw' if cb else 'none (per-chunk tables)'}")
-    n_ex = 8 if args.quick else 40
-    data = fidelity_data(model, tok, n_ex)
+    print(f"{info['model']} ({info['model_layers']} layers), fingerprint {fp}; codebook: "
+          f"{'shipped, ' + str(len(cb.to_bytes())) + ' bytes raw' if cb else 'none (per-chunk tables)'}")
+    n_ex = 8 if args.quick else (40 if args.model == "tiny" else 20)  # the tiny model keeps its old run
+    data = fidelity_data(args.model, model, tok, n_ex)
     refs = [continuation_logits(model, kv, cont) for kv, cont in data]
     codecs = codecs_under_test(fp)
-    rows, report = [], {"model": fp, "examples": len(data), "chunk_tokens": CHUNK}
+    rows, report = [], {**info, "fingerprint": fp, "examples": len(data), "chunk_tokens": CHUNK}
     int8_bytes = None
     per_codec = {}
     for name, codec in codecs:

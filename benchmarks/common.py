@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: timing medians, tables and the JSON report."""
+"""Helpers shared by the benchmark scripts: the model option, timing medians, tables and the JSON report."""
 
 from __future__ import annotations
 
@@ -6,6 +6,24 @@ import json
 import statistics
 import time
 from typing import Callable
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def add_model_option(ap) -> None:
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m (default: SmolLM2-135M-Instruct, "
+                    "converted once on first use), tiny (the project's 4-layer model) or a Hugging Face folder")
+
+
+def load_bench_model(name: str, dtype=None):
+    """(model, tokenizer, {"model": name, "model_layers": L}): the fields every benchmark's JSON carries."""
+    import torch
+
+    from connectors.models import MODELS, load_model
+
+    model, tok = load_model(name, dtype or torch.float32)
+    title = MODELS[name].title if name in MODELS else str(name)
+    return model, tok, {"model": title, "model_layers": model.config.num_hidden_layers}
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1,

@@ -1,18 +1,21 @@
-"""Time to first token with the store vs a full prefill, with the shipped model.
+"""Time to first token with the store vs a full prefill, on SmolLM2-135M-Instruct by default.
 
-    python -m benchmarks.ttft_bench [--quick] [--json PATH] [--repeats N] [--dir DIR]
+    python -m benchmarks.ttft_bench [--quick] [--json PATH] [--repeats N] [--dir DIR] [--model tiny]
 
-For contexts of 1K, 4K and 8K tokens (real text: held-out passages, repeated to length; chunk-aligned)
-followed by a 16-token question, TTFT = the time from the prompt's token ids to the first token's
-logits:
+For contexts of 2K, 4K and 8K tokens (`--quick`: 2K and 4K; chunk-aligned, and capped so the prompt fits
+the model's positions) of real text (`benchmarks.texts.evaluation_text`; the tiny model reads its
+held-out passages) followed by a 16-token question, TTFT = the time from the prompt's token ids to the
+first token's logits:
 - full prefill: one `model(prompt)` forward, the baseline of every ratio;
 - memory: `HFConnector.prefill` with the context's chunks in the CPU memory tier;
 - disk/<codec>: the same from a disk tier only (records decoded with the codec), page cache warm, and
   `disk-cold/<codec>` with the OS page cache dropped before each repeat where the OS lets us.
-The baseline and our path run alternately (`paired`), median of repeats. Every codec in the registry is
-measured; a lossy codec also reports whether its first token equals the full prefill's.
+Median of repeats. Every codec in the registry is measured. Each row also says whether the greedy
+output (the first 8 tokens) from the loaded KV equals the full prefill's: lossless codecs must give the
+same tokens; a lossy codec may not.
 JSON: `ttft_ratio_memory_<n>k`, `ttft_ratio_disk_<n>k` (raw codec), `ttft_ratio_disk_<codec>_<n>k`,
-`ttft_ratio_disk_codec_<n>k` (cachegen level 2), plus the raw milliseconds.
+`ttft_ratio_disk_codec_<n>k` (cachegen level 2), the raw milliseconds, `outputs_identical_lossless`
+(1 when every lossless row reproduced the full prefill's tokens), `model` and `model_layers`.
 """
 
 from __future__ import annotations
@@ -27,24 +30,37 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import median_seconds, print_table, write_json
+from benchmarks.common import add_model_option, load_bench_model, median_seconds, print_table, write_json
+from benchmarks.texts import evaluation_text, tokens_of
 from codec import codec_names, make_codec
-from connectors.hf import HFConnector, compute_chunks, model_fingerprint
-from connectors.models import load_model
+from connectors.hf import HFConnector, compute_chunks, decode_greedy, model_fingerprint, run_cached
 from kvstore.store import TieredStore
 from kvstore.tiers import DiskTier, MemoryTier
 
 CHUNK = 256
 QUESTION_TOKENS = 16
+OUTPUT_TOKENS = 8
 
 
-def _context_ids(tok, n_tokens: int) -> np.ndarray:
-    from benchmarks.models.evalset import load_rag
+def _context_ids(model_name: str, tok, n_tokens: int) -> np.ndarray:
+    """[n_tokens + QUESTION_TOKENS] ids of real text (the tiny model reads its held-out passages)."""
+    if model_name == "tiny":
+        from benchmarks.models.evalset import load_rag
 
-    text = "\n\n".join(p for ex in load_rag()[:40] for p in ex.passages)
-    ids = np.asarray(tok(text, add_special_tokens=False)["input_ids"], dtype=np.uint32)
-    reps = -(-(n_tokens + QUESTION_TOKENS) // len(ids))
-    return np.tile(ids, reps)[: n_tokens + QUESTION_TOKENS]
+        text = "\n\n".join(p for ex in load_rag()[:40] for p in ex.passages)
+    else:
+        text = evaluation_text()
+    return tokens_of(tok, text, n_tokens + QUESTION_TOKENS)
+
+
+def _sizes(quick: bool, max_positions: int) -> list[int]:
+    """2K, 4K (and 8K) tokens, each capped to the longest chunk-aligned context that fits with the question."""
+    fit = (max_positions - QUESTION_TOKENS - OUTPUT_TOKENS) // CHUNK * CHUNK
+    return sorted({min(n, fit) for n in ([2048, 4096] if quick else [2048, 4096, 8192])})
+
+
+def _label(n: int) -> str:
+    return f"{round(n / 1024)}k"
 
 
 def _drop_page_cache() -> bool:
@@ -70,43 +86,49 @@ def _codec_variants() -> list[tuple[str, int | None]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="1K and 4K contexts, fewer repeats")
+    ap.add_argument("--quick", action="store_true", help="2K and 4K contexts, fewer repeats")
     ap.add_argument("--json")
     ap.add_argument("--repeats", type=int)
     ap.add_argument("--dir", help="directory for the disk tiers (default: a temporary one)")
+    add_model_option(ap)
     args = ap.parse_args()
-    sizes = [1024, 4096] if args.quick else [1024, 4096, 8192]
     repeats = args.repeats or (3 if args.quick else 5)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-    model, tok = load_model("tiny", torch.float32)
+    model, tok, info = load_bench_model(args.model)
+    sizes = _sizes(args.quick, model.config.max_position_embeddings)
     fp = model_fingerprint(model)
     root = Path(args.dir or tempfile.mkdtemp(prefix="ttft-bench-"))
     can_drop = _drop_page_cache()
     variants = _codec_variants()
-    results: dict[str, float] = {}
+    results: dict[str, float] = dict(info)
     rows = []
-    print(f"shipped model, {torch.get_num_threads()} threads, chunks of {CHUNK}, {repeats} repeats; "
-          f"page cache drop {'available' if can_drop else 'NOT available (no disk-cold rows)'}")
+    identical_lossless = True
+    print(f"{info['model']} ({info['model_layers']} layers, float32), {torch.get_num_threads()} threads, chunks of "
+          f"{CHUNK}, {repeats} repeats; page cache drop "
+          f"{'available' if can_drop else 'NOT available (no disk-cold rows)'}")
     with torch.inference_mode():
         model(torch.zeros(1, 1024, dtype=torch.long))  # warm-up
     for n in sizes:
-        ids = _context_ids(tok, n)
+        ids = _context_ids(args.model, tok, n)
         prompt = torch.from_numpy(ids.astype(np.int64)).reshape(1, -1)
         chunks = compute_chunks(model, ids[:n], fingerprint=fp, chunk_tokens=CHUNK)
         kv_bytes = sum(c.nbytes for c in chunks)
 
         @torch.inference_mode()
         def full():
-            return model(prompt).logits[0, -1]
+            return model(prompt, logits_to_keep=1).logits[0, -1]
 
-        ref_top = int(torch.argmax(full()))
+        with torch.inference_mode():
+            out, cache = run_cached(model, prompt, logits_to_keep=1)
+            ref_tokens = decode_greedy(model, cache, out.logits[0, -1], OUTPUT_TOKENS)
+        del cache
         base = median_seconds(full, repeats, warmup=0)
-        rows.append([n, "full prefill", "-", f"{base * 1e3:.1f}", "1.000", "-", "-", "-"])
-        results[f"ttft_full_ms_{n // 1024}k"] = base * 1e3
+        rows.append([_label(n), "full prefill", "-", f"{base * 1e3:.1f}", "1.000", "-", "-", "-"])
+        results[f"ttft_full_ms_{_label(n)}"] = base * 1e3
 
         stores: list[tuple[str, str, TieredStore, bool]] = [
-            ("memory", "-", TieredStore([MemoryTier(kv_bytes + (1 << 20))], chunk_tokens=CHUNK), False)]
+            ("memory", "-", TieredStore([MemoryTier(kv_bytes + (1 << 20))], chunk_tokens=CHUNK), True)]
         for name, level in variants:
             d = root / f"{n}-{name}-{level}"
             shutil.rmtree(d, ignore_errors=True)
@@ -129,8 +151,11 @@ def main() -> None:
                 return pre
 
             cold = mode.startswith("disk-cold")
-            ours()  # warm-up (and the first-token check)
-            same = int(torch.argmax(reports[0].logits)) == ref_top
+            first = ours()  # warm-up, and the output check
+            same = decode_greedy(model, first.cache, first.logits, OUTPUT_TOKENS) == ref_tokens
+            if lossless and not same:
+                identical_lossless = False
+            del first
             reports.clear()
             t = median_seconds(ours, repeats, warmup=0, before=_drop_page_cache if cold else None)
             rep = [p.report for p in reports]
@@ -138,23 +163,26 @@ def main() -> None:
             load = statistics.median(r.load_s for r in rep)
             pre_s = statistics.median(r.prefill_s for r in rep)
             ratio = t / base
-            rows.append([n, mode, f"{store.tiers[0].usage().used_bytes / kv_bytes:.3f}" if mode != "memory" else "-",
+            rows.append([_label(n), mode, f"{store.tiers[0].usage().used_bytes / kv_bytes:.3f}" if mode != "memory" else "-",
                          f"{t * 1e3:.1f}", f"{ratio:.3f}", f"{load * 1e3:.1f}", f"{pre_s * 1e3:.1f}",
                          "yes" if same else "NO"])
             key = mode.replace("/", "_").replace("-", "_")
-            results[f"ttft_ratio_{key}_{n // 1024}k"] = ratio
+            results[f"ttft_ratio_{key}_{_label(n)}"] = ratio
             if mode == "memory":
-                results[f"ttft_ratio_memory_{n // 1024}k"] = ratio
+                results[f"ttft_ratio_memory_{_label(n)}"] = ratio
             elif mode == "disk/raw":
-                results[f"ttft_ratio_disk_{n // 1024}k"] = ratio
+                results[f"ttft_ratio_disk_{_label(n)}"] = ratio
             elif mode == "disk/cachegen-2":  # the project's codec at its default level
-                results[f"ttft_ratio_disk_codec_{n // 1024}k"] = ratio
+                results[f"ttft_ratio_disk_codec_{_label(n)}"] = ratio
             conn.close()
         for _, _, store, _ in stores:
             store.close()
         print(f"  {n} tokens done")
     print()
-    print_table(["context", "mode", "bytes/raw", "TTFT ms", "vs full", "load ms", "prefill ms", "same 1st token"], rows)
+    results["outputs_identical_lossless"] = int(identical_lossless)
+    print_table(["context", "mode", "bytes/raw", "TTFT ms", "vs full", "load ms", "prefill ms",
+                 f"same {OUTPUT_TOKENS} tokens"], rows)
+    print(f"lossless rows reproduce the full prefill's greedy output: {'yes' if identical_lossless else 'NO'}")
     if not args.dir:
         shutil.rmtree(root, ignore_errors=True)
     write_json(args.json, results)

