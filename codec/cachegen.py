@@ -184,12 +184,6 @@ def _input(kv: torch.Tensor) -> tuple[np.ndarray, str]:
     return kv.to(torch.float32).contiguous().reshape(-1).numpy(), "f32"
 
 
-def _kernel_input(x: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    if kind == "f32":
-        return rans._NO16, x, rans._F16_LUT
-    return x, rans._NO32, (rans._F16_LUT if kind == "f16" else rans._BF16_LUT)
-
-
 def steps(kv: torch.Tensor, level: Level) -> tuple[np.ndarray, str, np.ndarray, np.ndarray]:
     """kv [L, 2, T, H, D] (CPU) -> (input, kind, step [L * 2 * C] float32, step bits uint16)."""
     layers, _, n_tok = kv.shape[:3]
@@ -197,7 +191,7 @@ def steps(kv: torch.Tensor, level: Level) -> tuple[np.ndarray, str, np.ndarray, 
     x, kind = _input(kv)
     sumsq = np.zeros(layers * 2, dtype=np.float64)
     maxabs = np.zeros(layers * 2 * n_chan, dtype=np.float32)
-    _stats(*_kernel_input(x, kind), n_tok, n_chan, sumsq, maxabs)
+    _stats(*rans.kernel_input(x, kind), n_tok, n_chan, sumsq, maxabs)
     if not (np.isfinite(sumsq).all() and np.isfinite(maxabs).all()):
         raise CodecError("cachegen cannot encode KV with non-finite values")
     rms = np.sqrt(sumsq / (n_tok * n_chan)).astype(np.float32)
@@ -216,7 +210,7 @@ def quantize(kv: torch.Tensor, level: Level) -> tuple[np.ndarray, np.ndarray]:
     n_chan = kv.shape[3] * kv.shape[4]
     x, kind, step, bits = steps(kv, level)
     sym = np.empty(x.size, dtype=np.uint8)
-    _quantize(*_kernel_input(x, kind), n_tok, n_chan, step, level.m, sym)
+    _quantize(*rans.kernel_input(x, kind), n_tok, n_chan, step, level.m, sym)
     return sym.reshape(layers * 2, n_tok, n_chan), bits
 
 
@@ -373,7 +367,7 @@ class CacheGenCodec(Codec):
             parts.append(step_bits.astype("<u2").tobytes())
         else:
             sym = np.empty(x.size, dtype=np.uint8)
-            _quantize(*_kernel_input(x, kind), n_tok, n_chan, step, self.spec.m, sym)
+            _quantize(*rans.kernel_input(x, kind), n_tok, n_chan, step, self.spec.m, sym)
             freq = chunk_tables(sym.reshape(layers * 2, n_tok, n_chan), self.spec)
             tables = rans.CodingTables.from_freqs(freq)
             blob = pack_tables(freq)

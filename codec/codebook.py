@@ -158,11 +158,6 @@ class CodebookRegistry:
         self._rescan_s = rescan_s
         self._lock = threading.Lock()
 
-    def add_dir(self, path: Path) -> None:
-        with self._lock:
-            self._dirs.append(Path(path))
-            self._last_scan = -1e9
-
     def register(self, cb: Codebook) -> None:
         with self._lock:
             self._by_model[cb.model] = cb

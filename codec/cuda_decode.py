@@ -18,7 +18,7 @@ from numba import cuda
 
 from codec.base import CodecError
 from codec.cachegen import _OUT_BITS, CacheGenCodec, dequantize_values
-from codec.rans import LUT_SHIFT, OK, OVERRUN, PREC, RANS_L, TOTAL, CodingTables
+from codec.rans import BAD_STATE, LUT_SHIFT, OK, OVERRUN, PREC, RANS_L, TOTAL, CodingTables
 
 THREADS = 64
 _device_tables: dict[int, tuple[CodingTables, object, object, object]] = {}

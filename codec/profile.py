@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from codec.base import CodecError
 from codec.cachegen import LEVELS, count_symbols
 from codec.codebook import Codebook, profile_codebook
 
@@ -61,7 +62,7 @@ def profile_model(model, tokenizer, texts: list[str], max_chunks: int) -> Codebo
         if n >= max_chunks:
             break
     if n == 0:
-        raise SystemExit("no text is 256 tokens long: nothing to profile")
+        raise CodecError(f"no text is {CHUNK} tokens long: nothing to profile")
     return profile_codebook(model_fingerprint(model), counts, layout.num_layers, layout.num_kv_heads * layout.head_dim)
 
 

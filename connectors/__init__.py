@@ -1,2 +1,2 @@
-"""Connectors: bridges between the store and engines or pipelines (transformers, vLLM, the RAG API,
-the precompute job, the sidecar client), and the demo."""
+"""Connectors: bridges between the store and engines or pipelines (Hugging Face transformers, the RAG
+API, the precompute job, the sidecar client), and the demo."""

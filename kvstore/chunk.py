@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from kvstore.errors import InvalidChunkError
-from kvstore.keys import ChunkKey, ChunkRef, as_token_array
+from kvstore.keys import ChunkKey, ChunkRef
 
 KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -67,10 +67,6 @@ class Chunk:
     def from_ref(cls, ref: ChunkRef, kv: torch.Tensor) -> "Chunk":
         """The chunk for `ref` (a slice of a prompt) holding `kv` [L, 2, T, H, D]."""
         return cls(ref.key, kv, ref.tokens, ref.start)
-
-    @classmethod
-    def make(cls, key: ChunkKey, kv: torch.Tensor, tokens, start_pos: int = 0) -> "Chunk":
-        return cls(key, kv, as_token_array(tokens), int(start_pos))
 
     @property
     def nbytes(self) -> int:

@@ -53,9 +53,6 @@ class LoadReport:
     stored_chunks: int = 0  # new chunks handed to the store's writer by this request
     fallback: str | None = None  # why stored KV that the lookup found was not all used
 
-    def tiers_text(self) -> str:
-        return ", ".join(f"{n} from {t}" for t, n in self.tokens_by_tier.items()) or "none"
-
 
 @dataclass(slots=True)
 class Prefilled:
