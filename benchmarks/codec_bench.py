@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     random.seed(0)
     model, tok = load_shipped_model(torch.float32)
     fp = model_fingerprint(model)
-    cb = codebooks.for_model(fp)
+    cb = codebooks.for_fingerprint(fp)
     print(f"model {fp}; codebook: {'shipped, ' + str(len(cb.to_bytes())) + ' bytes raw' if cb else 'none (per-chunk tables)'}")
     n_ex = 8 if args.quick else 40
     data = fidelity_data(model, tok, n_ex)

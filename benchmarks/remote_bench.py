@@ -41,7 +41,7 @@ SHAPE_2M = (8, 2, 256, 2, 128)  # fp16, 2 MiB
 def chunks(shape, n: int, seed: int, namespace: str = "bench") -> list[Chunk]:
     g = torch.Generator().manual_seed(seed)
     kv = torch.randn(shape, generator=g).to(torch.float16)
-    refs = chunk_refs(np.arange(n * shape[2]) + seed * n * shape[2], namespace=namespace, model="bench", chunk_tokens=shape[2])
+    refs = chunk_refs(np.arange(n * shape[2]) + seed * n * shape[2], namespace=namespace, fingerprint="bench", chunk_tokens=shape[2])
     return [Chunk.from_ref(r, kv) for r in refs]
 
 

@@ -5,8 +5,8 @@ A `Codec` turns one chunk's KV tensor `[L, 2, T, H, D]` into bytes and back:
 - `decode(payload, out)`: fills the preallocated `out` (dtype and shape from the record header);
 - `params() -> bytes`: the parameters a decoder needs, stored in each record's header, so that a record
   decodes with the codec it was written with, whatever the reader's configuration says;
-- `bind(model) -> Codec`: the codec for chunks of one model (default: itself); record writers call it
-  with the chunk's model fingerprint before `encode` and store the bound codec's `params()`.
+- `bind(fingerprint) -> Codec`: the codec for chunks of one model (default: itself); record writers call
+  it with the chunk's model fingerprint before `encode` and store the bound codec's `params()`.
 `decode` treats its input as untrusted: on anything malformed it raises `CodecError`, never crashes,
 hangs or allocates more than `out` already is.
 
@@ -40,9 +40,9 @@ class Codec(ABC):
     def from_params(cls, params: bytes) -> "Codec":
         """The codec that decodes what an instance with these `params()` encoded."""
 
-    def bind(self, model: str) -> "Codec":
-        """The codec to encode chunks of `model` (a fingerprint) with. Most codecs ignore the model;
-        `cachegen` returns itself with that model's codebook, whose digest its `params()` then carry."""
+    def bind(self, fingerprint: str) -> "Codec":
+        """The codec to encode chunks of the model with this fingerprint. Most codecs ignore it; `cachegen`
+        returns itself with that model's codebook, whose digest its `params()` then carry."""
         return self
 
     @abstractmethod

@@ -336,14 +336,15 @@ class CacheGenCodec(Codec):
                 raise CodecError(f"cachegen codebook {bytes(params[2:]).hex()} is not available here")
         return cls(level, codebook)
 
-    def bind(self, model: str) -> "CacheGenCodec":
-        """This codec with the codebook of `model` where one is registered (else the per-chunk tables)."""
-        if self.codebook is not None and self.codebook.model == model:
+    def bind(self, fingerprint: str) -> "CacheGenCodec":
+        """This codec with the codebook of the model `fingerprint` names, where one is registered (else the
+        per-chunk tables)."""
+        if self.codebook is not None and self.codebook.fingerprint == fingerprint:
             return self
-        bound = self._bound.get(model)
+        bound = self._bound.get(fingerprint)
         if bound is None:
-            cb = codebooks.for_model(model)
-            bound = self._bound[model] = CacheGenCodec(self.level, cb) if cb is not None else CacheGenCodec(self.level)
+            cb = codebooks.for_fingerprint(fingerprint)
+            bound = self._bound[fingerprint] = CacheGenCodec(self.level, cb) if cb is not None else CacheGenCodec(self.level)
         return bound
 
     # -- encode --
@@ -361,7 +362,7 @@ class CacheGenCodec(Codec):
         if self.codebook is not None:
             if (self.codebook.layers, self.codebook.channels) != (layers, n_chan):
                 raise CodecError(
-                    f"codebook of {self.codebook.model} is for {self.codebook.layers} layers x "
+                    f"codebook of {self.codebook.fingerprint} is for {self.codebook.layers} layers x "
                     f"{self.codebook.channels} channels, KV has {layers} x {n_chan}")
             tables = self.codebook.tables(self.level)
             parts.append(step_bits.astype("<u2").tobytes())

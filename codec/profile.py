@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         texts = [fact_training_text(rng, short=False) for _ in range(4 * args.chunks)]
     cb = profile_model(model, tokenizer, texts, args.chunks)
     path = cb.save(args.out)
-    print(f"codebook for {cb.model}: {path} ({path.stat().st_size} bytes, levels {sorted(cb.freqs)})")
+    print(f"codebook for {cb.fingerprint}: {path} ({path.stat().st_size} bytes, levels {sorted(cb.freqs)})")
     return 0
 
 

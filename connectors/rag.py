@@ -105,7 +105,7 @@ class RagPipeline:
                 raise RagError(f"passage {pid!r} has no tokens")
             self.passages[str(pid)] = text
             n += 1
-            refs = passage_refs(self.store, ids, model=self.fingerprint, namespace=self.config.namespace)
+            refs = passage_refs(self.store, ids, fingerprint=self.fingerprint, namespace=self.config.namespace)
             if all(self.store.contains([r.key for r in refs])):
                 already += 1
                 continue
@@ -157,7 +157,7 @@ class RagPipeline:
         if not isinstance(cfg, BlendConfig):
             raise RagError(f"blend_config must be a BlendConfig, got {type(cfg).__name__}")
         cfg = cfg if ratio is None else dataclasses.replace(cfg, ratio=ratio)
-        segs = store_segments(self.store, parts, model=self.fingerprint, namespace=self.config.namespace)
+        segs = store_segments(self.store, parts, fingerprint=self.fingerprint, namespace=self.config.namespace)
         res = blend(self.model, segs, cfg, driver=self.driver)
         return Prefill(ids, res.kv, res.logits, time.perf_counter() - t, res.report)
 

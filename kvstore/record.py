@@ -2,7 +2,7 @@
 
 Layout (little-endian):
     prelude   magic b"KVSR" | version u16 | flags u16 | header_len u32          (12 bytes)
-    header    namespace (u8 len + utf-8) | model (u8 len + utf-8) | chunk hash (16)
+    header    namespace (u8 len + utf-8) | model fingerprint (u8 len + utf-8) | chunk hash (16)
               | codec name (u8 len + ascii) | codec params (u32 len + bytes)
               | dtype code u8 | ndim u8 | dims u32 x ndim | start_pos u64
               | token_count u32 | token ids u32 x token_count
@@ -74,13 +74,13 @@ def payload_checksum(payload) -> int:
 def encode_header(chunk: Chunk, codec: Codec, payload_len: int, checksum: int) -> bytes:
     """The prelude and header of a record for `chunk` whose payload (already encoded) has this length."""
     key = chunk.key
-    ns, model, cname, params = key.namespace.encode(), key.model.encode(), codec.name.encode(), codec.params()
+    ns, fp, cname, params = key.namespace.encode(), key.fingerprint.encode(), codec.name.encode(), codec.params()
     shape = tuple(chunk.kv.shape)
     tokens = np.ascontiguousarray(chunk.tokens, dtype=TOKEN_DTYPE)
     body = b"".join(
         [
             struct.pack("<B", len(ns)), ns,
-            struct.pack("<B", len(model)), model,
+            struct.pack("<B", len(fp)), fp,
             key.chunk_hash,
             struct.pack("<B", len(cname)), cname,
             struct.pack("<I", len(params)), params,
@@ -101,7 +101,7 @@ def encode_record(chunk: Chunk, codec: Codec) -> tuple[bytes, memoryview]:
     kv = chunk.kv.detach()
     if kv.device.type != "cpu":
         kv = kv.cpu()
-    codec = codec.bind(chunk.key.model)  # e.g. cachegen picks the model's codebook; its params name it
+    codec = codec.bind(chunk.key.fingerprint)  # e.g. cachegen picks the model's codebook; its params name it
     payload = memoryview(codec.encode(kv)).cast("B")
     return encode_header(chunk, codec, len(payload), payload_checksum(payload)), payload
 
@@ -154,9 +154,9 @@ def parse_header(buf: bytes | memoryview, max_kv_bytes: int = DEFAULT_MAX_KV_BYT
         (n,) = r.unpack("<B")
         namespace = bytes(r.take(n)).decode()
         (n,) = r.unpack("<B")
-        model = bytes(r.take(n)).decode()
+        fingerprint = bytes(r.take(n)).decode()
         chunk_hash = bytes(r.take(HASH_BYTES))
-        key = ChunkKey(namespace, model, chunk_hash)
+        key = ChunkKey(namespace, fingerprint, chunk_hash)
         (n,) = r.unpack("<B")
         codec = bytes(r.take(n)).decode("ascii")
         (n,) = r.unpack("<I")

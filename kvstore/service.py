@@ -48,10 +48,10 @@ from codec import Codec
 from kvstore.chunk import Chunk
 from kvstore.config import ServerConfig, StoreConfig, tomllib
 from kvstore.errors import ConfigError, InvalidTokensError, KVStoreError
-from kvstore.keys import ChunkKey, as_token_array, validate_model, validate_namespace
+from kvstore.keys import ChunkKey, as_token_array, validate_fingerprint, validate_namespace
 from kvstore.record import DEFAULT_MAX_KV_BYTES, decode_record, encode_record
 from kvstore.store import TieredStore
-from kvstore.wire import FRAME, TooManyKeys, keys_from_json, parse_chunk_hash, validate_path_model
+from kvstore.wire import FRAME, TooManyKeys, keys_from_json, parse_chunk_hash, validate_path_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +338,7 @@ class Service:
     def _path_key(self, request: web.Request) -> ChunkKey:
         m = request.match_info
         namespace = validate_namespace(m["namespace"])
-        key = ChunkKey(namespace, validate_path_model(m["model"]), parse_chunk_hash(m["chunk_hash"]))
+        key = ChunkKey(namespace, validate_path_fingerprint(m["model"]), parse_chunk_hash(m["chunk_hash"]))
         self._authorize(request, namespace)
         return key
 
@@ -394,7 +394,7 @@ class Service:
         if ("tokens" in body) == ("chunk_hashes" in body):
             raise ApiError(400, "give exactly one of tokens or chunk_hashes")
         namespace = validate_namespace(body.get("namespace"))
-        model = validate_model(body.get("model"))
+        fingerprint = validate_fingerprint(body.get("model"))
         self._authorize(request, namespace)
         if "tokens" in body:
             try:
@@ -403,14 +403,14 @@ class Service:
                 if isinstance(e, InvalidTokensError):
                     raise
                 raise InvalidTokensError(f"tokens must be a flat list of integers: {e}") from None
-            n = await self._run(self.store.lookup, tokens, model=model, namespace=namespace)
+            n = await self._run(self.store.lookup, tokens, fingerprint=fingerprint, namespace=namespace)
             return web.json_response({"tokens": n, "chunk_tokens": self.store.chunk_tokens})
         hashes = body["chunk_hashes"]
         if not isinstance(hashes, list):
             raise ApiError(400, "chunk_hashes must be a list of hex strings")
         if len(hashes) > self.config.max_batch_keys:
             raise ApiError(413, f"{len(hashes)} chunk hashes in one lookup, over the limit of {self.config.max_batch_keys}")
-        keys = [ChunkKey(namespace, model, parse_chunk_hash(h)) for h in hashes]
+        keys = [ChunkKey(namespace, fingerprint, parse_chunk_hash(h)) for h in hashes]
         found = await self._run(self.store.contains, keys) if keys else []
         n = found.index(False) if False in found else len(found)
         return web.json_response({"chunks": n})
@@ -457,7 +457,7 @@ class Service:
 
     async def bad_record_path(self, request: web.Request) -> web.Response:
         raise ApiError(400, "a record path is /v1/records/<namespace>/<model>/<chunk hash hex> "
-                            "(URL-quote the model; it may not contain '/')")
+                            "(URL-quote the model fingerprint; it may not contain '/')")
 
     # -- batches ---------------------------------------------------------------------------------------
 
@@ -547,7 +547,7 @@ def make_app(store: TieredStore, codec: Codec, config: ServerConfig, tokens: Tok
     r.add_post("/v1/records:batch_put", svc.batch_put)
     r.add_post("/v1/records:batch_contains", svc.batch_contains)
     r.add_post("/v1/records:batch_delete", svc.batch_delete)
-    record = "/v1/records/{namespace}/{model}/{chunk_hash}"
+    record = "/v1/records/{namespace}/{model}/{chunk_hash}"  # {model}: the fingerprint (v1 protocol name)
     r.add_put(record, svc.put_record)
     r.add_get(record, svc.get_record, allow_head=False)
     r.add_head(record, svc.head_record)

@@ -1,7 +1,7 @@
 """The tiered store: one API over an ordered list of tiers, fastest first.
 
 Primitives:
-- `lookup(tokens, model=..)`: how many leading tokens are stored (consecutive chunk hits from the
+- `lookup(tokens, fingerprint=..)`: how many leading tokens are stored (consecutive chunk hits from the
   start, in any tier; token ids checked where a tier keeps them in memory).
 - `get(refs)`: chunks from the fastest tier holding each, token ids verified against the refs; hits in
   a slower tier are promoted (copied) into the faster ones.
@@ -79,12 +79,12 @@ class TieredStore:
 
     # -- keys and lookup -----------------------------------------------------------------------------
 
-    def chunk_refs(self, tokens, *, model: str, namespace: str = "default", kind: ChunkKind = ChunkKind.PREFIX, include_partial: bool = False) -> list[ChunkRef]:
-        return chunk_refs(tokens, namespace=namespace, model=model, chunk_tokens=self.chunk_tokens, kind=kind, include_partial=include_partial)
+    def chunk_refs(self, tokens, *, fingerprint: str, namespace: str = "default", kind: ChunkKind = ChunkKind.PREFIX, include_partial: bool = False) -> list[ChunkRef]:
+        return chunk_refs(tokens, namespace=namespace, fingerprint=fingerprint, chunk_tokens=self.chunk_tokens, kind=kind, include_partial=include_partial)
 
-    def lookup(self, tokens, *, model: str, namespace: str = "default") -> int:
+    def lookup(self, tokens, *, fingerprint: str, namespace: str = "default") -> int:
         """Number of leading tokens whose chunks are all stored (a multiple of `chunk_tokens`)."""
-        refs = self.chunk_refs(tokens, model=model, namespace=namespace)
+        refs = self.chunk_refs(tokens, fingerprint=fingerprint, namespace=namespace)
         n = self.lookup_refs(refs)
         self.counters.add(lookups=1, lookup_tokens=len(tokens), lookup_hit_tokens=n * self.chunk_tokens)
         return n * self.chunk_tokens

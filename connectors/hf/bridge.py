@@ -88,7 +88,7 @@ def compute_chunks(
 ) -> list[Chunk]:
     """Prefill `token_ids` (a whole prompt, or one passage for `ChunkKind.STANDALONE`) from position 0
     and return its KV cut into keyed chunks: full chunks only unless `include_partial`."""
-    refs = chunk_refs(token_ids, namespace=namespace, model=fingerprint, chunk_tokens=chunk_tokens,
+    refs = chunk_refs(token_ids, namespace=namespace, fingerprint=fingerprint, chunk_tokens=chunk_tokens,
                       kind=kind, include_partial=include_partial)
     if not refs:
         return []

@@ -96,7 +96,7 @@ class HFConnector:
         report = LoadReport(prompt_tokens=len(ids))
         t0 = time.perf_counter()
         # Leave at least one token to compute: the logits of the last position start the decoding.
-        refs = self.store.chunk_refs(ids[: len(ids) - 1], model=self.fingerprint, namespace=self.namespace)
+        refs = self.store.chunk_refs(ids[: len(ids) - 1], fingerprint=self.fingerprint, namespace=self.namespace)
         n_hit = self.store.lookup_refs(refs) if refs else 0
         t1 = time.perf_counter()
         report.lookup_s = t1 - t0
@@ -190,7 +190,7 @@ class HFConnector:
 
     def _store(self, ids: np.ndarray, layers: list[tuple[torch.Tensor, torch.Tensor]], first_chunk: int) -> None:
         try:
-            refs = self.store.chunk_refs(ids, model=self.fingerprint, namespace=self.namespace)[first_chunk:]
+            refs = self.store.chunk_refs(ids, fingerprint=self.fingerprint, namespace=self.namespace)[first_chunk:]
             chunks = []
             for r in refs:
                 # [1, H, T, D] -> [T, H, D] per layer and K/V -> [L, 2, C, H, D]

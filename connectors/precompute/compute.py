@@ -54,7 +54,7 @@ class Work:
 
 
 def split_units(doc_id: str, ids: np.ndarray, *, kind: ChunkKind, passage_tokens: int | None, namespace: str,
-                model: str, chunk_tokens: int) -> list[Unit]:
+                fingerprint: str, chunk_tokens: int) -> list[Unit]:
     """ids: [T] uint32 of one document -> its units, each keyed from position 0."""
     if kind is ChunkKind.STANDALONE and passage_tokens:
         spans = [(s, min(s + passage_tokens, len(ids))) for s in range(0, len(ids), passage_tokens)]
@@ -65,7 +65,7 @@ def split_units(doc_id: str, ids: np.ndarray, *, kind: ChunkKind, passage_tokens
     for name, (s, e) in zip(names, spans):
         tokens = ids[s:e]
         # Prefix mode stores full chunks only: the store's prefix lookup never matches a partial chunk.
-        refs = chunk_refs(tokens, namespace=namespace, model=model, chunk_tokens=chunk_tokens, kind=kind,
+        refs = chunk_refs(tokens, namespace=namespace, fingerprint=fingerprint, chunk_tokens=chunk_tokens, kind=kind,
                           include_partial=kind is ChunkKind.STANDALONE)
         units.append(Unit(name, doc_id, s, tokens, tuple(refs)))
     return units

@@ -281,7 +281,7 @@ class PrecomputeJob:
                                  f"{self.max_tokens} tokens")
                 continue
             units += split_units(doc.id, arr.astype(TOKEN_DTYPE), kind=o.kind, passage_tokens=o.passage_tokens,
-                                 namespace=o.namespace, model=self.fingerprint, chunk_tokens=o.chunk_tokens)
+                                 namespace=o.namespace, fingerprint=self.fingerprint, chunk_tokens=o.chunk_tokens)
         s.units += len(units)
         s.tokens += sum(len(u.tokens) for u in units)
         keys = [k for u in units for k in u.keys]

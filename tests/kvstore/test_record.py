@@ -48,7 +48,7 @@ def valid_records(chunk_factory):
 def build_record(
     *,
     namespace: bytes = b"ns",
-    model: bytes = b"m",
+    fingerprint: bytes = b"m",
     chunk_hash: bytes = bytes(range(16)),
     codec: bytes = b"raw",
     params: bytes = b"",
@@ -81,7 +81,7 @@ def build_record(
     body = b"".join(
         [
             struct.pack("<B", len(namespace)), namespace,
-            struct.pack("<B", len(model)), model,
+            struct.pack("<B", len(fingerprint)), fingerprint,
             chunk_hash,
             struct.pack("<B", len(codec)), codec,
             struct.pack("<I", len(params) if params_len is None else params_len), params,
@@ -281,8 +281,8 @@ HOSTILE = {
     "invalid namespace": dict(namespace=b"../x"),
     "empty namespace": dict(namespace=b""),
     "non-utf8 namespace": dict(namespace=b"\xff\xfe"),
-    "empty model": dict(model=b""),
-    "non-printable model": dict(model=b"m\x00"),
+    "empty fingerprint": dict(fingerprint=b""),
+    "non-printable fingerprint": dict(fingerprint=b"m\x00"),
     "header_len too long": dict(header_len_delta=8),
     "header_len too short": dict(header_len_delta=-8),
     "payload shorter than declared": dict(payload_len=63),
@@ -315,7 +315,7 @@ def test_zstd_bomb_inside_a_record():
 
 _FIELD_VALUES = {
     "namespace": st.binary(max_size=70),
-    "model": st.binary(max_size=20),
+    "fingerprint": st.binary(max_size=20),
     "codec": st.sampled_from([b"raw", b"zstd", b"", b"nope", b"RAW"]),
     "params": st.binary(max_size=4),
     "params_len": st.integers(0, 2**32 - 1),

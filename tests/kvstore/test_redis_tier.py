@@ -24,7 +24,7 @@ SHAPE = (2, 2, CT, 2, 8)
 
 
 def chunks_for(n: int, seed: int = 0, namespace: str = "t") -> list[Chunk]:
-    refs = chunk_refs(np.arange(n * CT) + seed * 1_000_000, namespace=namespace, model="m", chunk_tokens=CT)
+    refs = chunk_refs(np.arange(n * CT) + seed * 1_000_000, namespace=namespace, fingerprint="m", chunk_tokens=CT)
     g = torch.Generator().manual_seed(seed)
     return [Chunk.from_ref(r, torch.randn(SHAPE, generator=g).to(torch.float16)) for r in refs]
 
@@ -136,8 +136,8 @@ def test_store_survives_redis_killed_and_uses_it_again(tmp_path, server):
     # Local tiers keep answering; the dead remote costs bounded time and no exception.
     t = time.monotonic()
     tokens = np.arange(4 * CT)
-    assert store.lookup(tokens, model="m", namespace="t") == 4 * CT
-    got = store.get(store.chunk_refs(tokens, model="m", namespace="t"))
+    assert store.lookup(tokens, fingerprint="m", namespace="t") == 4 * CT
+    got = store.get(store.chunk_refs(tokens, fingerprint="m", namespace="t"))
     assert all(g is not None for g in got)
     more = chunks_for(3, seed=5)
     assert store.put(more) == [True] * 3
