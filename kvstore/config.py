@@ -307,7 +307,7 @@ def build_store(config: StoreConfig):
     """The `TieredStore` a config describes: GPU tier, then CPU memory, disk, Redis, sidecar, where configured."""
     from codec import make_codec
     from kvstore.store import TieredStore
-    from kvstore.tiers import DiskTier, HttpTier, MemoryTier, RedisTier
+    from kvstore.tiers import DiskTier, SidecarTier, MemoryTier, RedisTier
 
     tiers = []
     if config.gpu is not None:
@@ -323,7 +323,7 @@ def build_store(config: StoreConfig):
                                ttl_seconds=r.ttl_seconds or None, timeout=r.timeout, retry_after=r.retry_after))
     if config.sidecar is not None:
         c = config.sidecar
-        tiers.append(HttpTier(c.url, c.token, make_codec(c.codec, c.codec_level), timeout=c.timeout,
+        tiers.append(SidecarTier(c.url, c.token, make_codec(c.codec, c.codec_level), timeout=c.timeout,
                               retry_after=c.retry_after, max_batch_keys=c.max_batch_keys))
     return TieredStore(
         tiers,

@@ -344,7 +344,7 @@ class Service:
 
     def _decode(self, data: bytes, what: str) -> Chunk:
         try:
-            return decode_record(data, None, self.max_kv_bytes)
+            return decode_record(data, max_kv_bytes=self.max_kv_bytes)
         except KVStoreError as e:
             raise ApiError(400, f"{what} is not a valid record: {e}") from None
 

@@ -1,4 +1,4 @@
-"""What the sidecar service and its client (`HttpTier`) agree on: routes, key JSON, record framing.
+"""What the sidecar service and its client (`SidecarTier`) agree on: routes, key JSON, record framing.
 
 - A key in JSON: `{"namespace": str, "model": str, "chunk_hash": "<32 hex digits>"}` ("model" holds the key's
   model fingerprint: the field name is part of the v1 protocol).

@@ -7,7 +7,7 @@ For a prompt, `HFConnector.prefill`:
    and builds a transformers cache from them; a chunk that fails to load (corrupt record, a tier that
    raises) ends the reused prefix there: the rest is recomputed, never an error;
 3. prefills the remaining tokens against that cache;
-4. hands the prompt's new full chunks to a background writer (not on the time-to-first-token path).
+4. hands the prompt's new full chunks to a `BoundedWriter` (off the time-to-first-token path).
 `generate` decodes greedily from there and also stores the chunks the generated tokens complete, so a
 chat's next turn reuses its previous turns. Every call returns a `LoadReport`: tokens reused and from
 which tier, tokens computed, and the time of each step.
@@ -20,9 +20,7 @@ for token.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Collection
 
@@ -34,6 +32,7 @@ from kvstore.chunk import Chunk
 from kvstore.errors import InvalidTokensError
 from kvstore.keys import ChunkRef, as_token_array
 from kvstore.store import TieredStore
+from kvstore.writer import BoundedWriter
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +81,9 @@ class HFConnector:
         self.fingerprint = fingerprint or model_fingerprint(model)
         self.store_new = store_new
         self.chunk_tokens = store.chunk_tokens
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvstore-hf-store")
-        self._pending: list[Future] = []
-        self._lock = threading.Lock()
+        # Cutting new chunks out of the cache and storing them runs off the time-to-first-token path, with
+        # the store's own bound on bytes in flight.
+        self._writer = BoundedWriter("kvstore-hf-store", max_pending_bytes=store.max_pending_bytes)
         self.store_failures = 0
 
     # -- prefill -------------------------------------------------------------------------------------
@@ -183,9 +182,9 @@ class HFConnector:
             log.warning("the model's cache holds fewer positions than the prompt (sliding window?); not storing")
             return 0
         ids = ids[: n_full * self.chunk_tokens].copy()
-        fut = self._writer.submit(self._store, ids, layers, first_chunk)
-        with self._lock:
-            self._pending = [f for f in self._pending if not f.done()] + [fut]
+        per_token = sum(2 * k.shape[1] * k.shape[3] * k.element_size() for k, _ in layers)
+        nbytes = (n_full - first_chunk) * self.chunk_tokens * per_token
+        self._writer.submit(lambda: self._store(ids, layers, first_chunk), nbytes)
         return n_full - first_chunk
 
     def _store(self, ids: np.ndarray, layers: list[tuple[torch.Tensor, torch.Tensor]], first_chunk: int) -> None:
@@ -205,21 +204,14 @@ class HFConnector:
     def wait_stored(self, timeout: float | None = None) -> bool:
         """Wait until this connector's queued chunks are in the store's first tier (and, through
         `store.flush`, in the slower tiers). False if `timeout` ran out."""
-        with self._lock:
-            pending = list(self._pending)
         deadline = None if timeout is None else time.monotonic() + timeout
-        for f in pending:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                f.result(left)
-            except TimeoutError:
-                return False
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        return self.store.flush(left)
+        if not self._writer.flush(timeout):
+            return False
+        return self.store.flush(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def close(self) -> None:
         self.wait_stored()
-        self._writer.shutdown(wait=True)
+        self._writer.close()
 
     def __enter__(self) -> "HFConnector":
         return self

@@ -12,7 +12,7 @@ from __future__ import annotations
 from codec import CodecError, codec_names, make_codec
 from connectors.precompute.errors import PrecomputeError
 from kvstore.config import StoreConfig
-from kvstore.tiers import DiskTier, HttpTier, RedisTier
+from kvstore.tiers import DiskTier, SidecarTier, RedisTier
 from kvstore.tiers.base import Tier
 
 
@@ -42,7 +42,7 @@ def build_target(config: StoreConfig, section: str | None = None) -> Tier:
         if section == "sidecar":
             c = config.sidecar
             check_codec(c.codec, c.codec_level)
-            return HttpTier(c.url, c.token, make_codec(c.codec, c.codec_level), timeout=c.timeout,
+            return SidecarTier(c.url, c.token, make_codec(c.codec, c.codec_level), timeout=c.timeout,
                             retry_after=c.retry_after, max_batch_keys=c.max_batch_keys)
         if section == "redis":
             r = config.redis

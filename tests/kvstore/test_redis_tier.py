@@ -13,6 +13,7 @@ import torch
 
 from codec import make_codec
 from kvstore.chunk import Chunk
+from kvstore.errors import InvalidChunkError
 from kvstore.keys import chunk_refs
 from kvstore.store import TieredStore
 from kvstore.tiers import DiskTier, MemoryTier
@@ -86,6 +87,42 @@ def test_bad_value_is_a_miss_and_deleted(server, garbage):
     assert not raw.exists(victim)
     assert tier.stats.corrupt == 1
     assert tier.get([cs[1].key])[0] is not None
+    tier.close()
+
+
+def test_wrongly_shaped_out_is_the_callers_error_and_keeps_the_record(server):
+    # Regression: a caller's buffer that does not fit used to be taken for a bad record, and the valid,
+    # shared record was deleted from Redis.
+    tier = RedisTier(server.url, make_codec("zstd"))
+    cs = chunks_for(2)
+    tier.put(cs)
+    for bad in (torch.empty(2, 2, CT, 2, 4, dtype=torch.float16), torch.empty(SHAPE, dtype=torch.float32)):
+        with pytest.raises(InvalidChunkError):
+            tier.get([cs[0].key], [bad])
+    raw = redis.Redis.from_url(server.url)
+    assert raw.exists(f"kvs:t:{cs[0].key.hex()}")
+    assert tier.stats.corrupt == 0
+    got = tier.get([c.key for c in cs])
+    assert all(g is not None and torch.equal(g.kv, c.kv) for g, c in zip(got, cs))
+    tier.close()
+
+
+def test_records_move_between_byte_tiers_as_bytes(tmp_path, server):
+    disk = DiskTier(tmp_path / "d", 1 << 30, make_codec("zstd"), fsync=False)
+    cs = chunks_for(3)
+    disk.put(cs)
+    keys = [c.key for c in cs] + [chunks_for(1, seed=9)[0].key]
+    records = disk.get_bytes(keys)
+    assert records[-1] is None and all(isinstance(r, bytes) for r in records[:3])
+    tier = RedisTier(server.url, make_codec("raw"))  # another codec: the records keep their own
+    assert tier.put_bytes(keys[:3], records[:3]) == [True] * 3
+    assert tier.get_bytes(keys[:3]) == records[:3]  # the very bytes, never decoded and re-encoded
+    got = tier.get(keys[:3])
+    assert all(torch.equal(g.kv, c.kv) and np.array_equal(g.tokens, c.tokens) for g, c in zip(got, cs))
+    raw = redis.Redis.from_url(server.url)
+    raw.set(f"kvs:t:{cs[1].key.hex()}", records[0])  # a valid record under another key: not served
+    assert tier.get_bytes([cs[1].key]) == [None] and tier.stats.corrupt == 1
+    disk.close()
     tier.close()
 
 

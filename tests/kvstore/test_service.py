@@ -1,5 +1,5 @@
 """The sidecar service over real loopback sockets: round trips, tenants, limits, malformed input, the
-HTTP tier through a `TieredStore` (with the sidecar stopped and restarted), and a SIGKILLed server."""
+sidecar tier through a `TieredStore` (with the sidecar stopped and restarted), and a SIGKILLed server."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from kvstore.keys import chunk_refs
 from kvstore.record import decode_record, encode_record
 from kvstore.service import TokenTable, make_app
 from kvstore.store import TieredStore
-from kvstore.tiers import DiskTier, HttpTier, MemoryTier
+from kvstore.tiers import DiskTier, MemoryTier, SidecarTier
 from kvstore.wire import FRAME, key_to_json, record_path
 from benchmarks.servers import ServeProcess
 from tests.support.service import ServiceThread
@@ -384,7 +384,7 @@ def test_garbage_records_are_400_and_change_nothing(store, a):
 
 
 def client_store(url: str, token: str = "tok-a", **kw) -> TieredStore:
-    remote = HttpTier(url, token, make_codec("zstd"), timeout=0.5, retry_after=0.5, **kw)
+    remote = SidecarTier(url, token, make_codec("zstd"), timeout=0.5, retry_after=0.5, **kw)
     return TieredStore([MemoryTier(64 * 2048), remote], chunk_tokens=CT)
 
 
