@@ -3,6 +3,7 @@
 A `Codec` turns one chunk's KV tensor `[L, 2, T, H, D]` into bytes and back:
 - `encode(kv) -> bytes-like`: a pure function of the tensor and the codec's parameters;
 - `decode(payload, out)`: fills the preallocated `out` (dtype and shape from the record header);
+- `at_level(level)`: the codec at one of its levels (zstd, cachegen), `CodecError` for the others;
 - `params() -> bytes`: the parameters a decoder needs, stored in each record's header, so that a record
   decodes with the codec it was written with, whatever the reader's configuration says;
 - `bind(fingerprint) -> Codec`: the codec for chunks of one model (default: itself); record writers call
@@ -39,6 +40,11 @@ class Codec(ABC):
     @abstractmethod
     def from_params(cls, params: bytes) -> "Codec":
         """The codec that decodes what an instance with these `params()` encoded."""
+
+    @classmethod
+    def at_level(cls, level: int) -> "Codec":
+        """This codec at `level`, for codecs that have levels; the others raise `CodecError`."""
+        raise CodecError(f"codec {cls.name!r} takes no level")
 
     def bind(self, fingerprint: str) -> "Codec":
         """The codec to encode chunks of the model with this fingerprint. Most codecs ignore it; `cachegen`

@@ -318,6 +318,10 @@ class CacheGenCodec(Codec):
 
     # -- parameters and model binding --
 
+    @classmethod
+    def at_level(cls, level: int) -> "CacheGenCodec":
+        return cls(level=level)
+
     def params(self) -> bytes:
         digest = self.codebook.digest if self.codebook is not None else b""
         return struct.pack("<BB", PARAMS_VERSION, self.level) + digest

@@ -82,6 +82,10 @@ class ZstdCodec(Codec):
         # zstandard contexts must not be shared between threads: one per thread that encodes.
         self._local = threading.local()
 
+    @classmethod
+    def at_level(cls, level: int) -> "ZstdCodec":
+        return cls(level=level)
+
     def params(self) -> bytes:
         return _ZSTD_PARAMS.pack(self.level, int(self.shuffle))
 

@@ -63,10 +63,7 @@ def cmd_verify(config: StoreConfig, args) -> int:
     if config.disk is None:
         print("no disk tier configured: nothing to verify")
         return 0
-    from codec import make_codec
-    from kvstore.tiers import DiskTier
-
-    tier = DiskTier(config.disk.path, config.disk.capacity, make_codec(config.disk.codec, config.disk.codec_level))
+    tier = config.disk.build()
     try:
         report = tier.verify()
     finally:

@@ -562,7 +562,7 @@ def server_codec(config: StoreConfig) -> Codec:
     """GET answers with records in the disk tier's codec (raw when there is no disk tier)."""
     from codec import make_codec
 
-    return make_codec(config.disk.codec, config.disk.codec_level) if config.disk is not None else make_codec("raw")
+    return config.disk.make_codec() if config.disk is not None else make_codec("raw")
 
 
 def serve(config: StoreConfig, *, host: str | None = None, port: int | None = None, insecure_no_auth: bool = False) -> int:

@@ -61,7 +61,7 @@ def run_precompute_command(config: StoreConfig, args, sets: dict[str, str]) -> i
 
     from connectors.precompute.corpus import count_entries, read_corpus
     from connectors.precompute.job import PrecomputeJob, PrecomputeOptions
-    from connectors.precompute.target import build_target, check_codec, describe_target, target_section
+    from connectors.precompute.target import build_target, describe_target, target_section
     from kvstore.keys import ChunkKind
 
     overrides = config_overrides(args)
@@ -71,10 +71,10 @@ def run_precompute_command(config: StoreConfig, args, sets: dict[str, str]) -> i
     section = section or target_section(config)
     if args.codec is not None or args.level is not None:
         name = args.codec or getattr(config, section).codec
-        check_codec(name, args.level)
-        overrides[f"{section}.codec"] = name
+        overrides[f"{section}.codec"] = name  # checked (name and level) as the config is loaded
         overrides[f"{section}.codec_level"] = "" if args.level is None else str(args.level)
         config = load_config(args.config, os.environ, {**sets, **overrides})
+    getattr(config, section).make_codec()  # a codec level it does not take fails here, before the model loads
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     options = PrecomputeOptions(
         kind=ChunkKind[MODES[args.mode]], namespace=config.namespace, chunk_tokens=config.chunk_tokens,
