@@ -77,11 +77,15 @@ def _questions(passages: list[str], n: int) -> list[str]:
 
 
 def _material() -> tuple[list[str], list[str]]:
-    """Two disjoint sets of passages from the held-out RAG set: a long document and a chat context."""
-    from benchmarks.models.evalset import load_rag
+    """Two disjoint sets of passages from the held-out RAG set (its data file, read as data: the library
+    imports no benchmark code): a long document and a chat context."""
+    import json
+    from pathlib import Path
 
-    examples = sorted(load_rag(), key=lambda e: -sum(len(p) for p in e.passages))
-    return list(examples[0].passages), list(examples[1].passages)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "models" / "heldout" / "rag.jsonl"
+    examples = [json.loads(line)["passages"] for line in path.read_text().splitlines() if line.strip()]
+    examples.sort(key=lambda passages: -sum(len(p) for p in passages))
+    return list(examples[0]), list(examples[1])
 
 
 def _sentence_end_ids(tok, vocab_size: int) -> list[int]:

@@ -1,4 +1,5 @@
-"""`kvstore precompute`: the command-line edge of the job (options -> config, model, signals, report).
+"""`kvstore precompute`: the command-line edge of the job (options -> config, model, signals, report); its
+options are declared in `connectors.commands`.
 
 The target store comes from the usual configuration (`--config FILE`, `KVSTORE_*`, `--set`), with
 shortcuts layered on top: `--to redis://..` / `--to http(s)://..` (with `--cluster`, `--token-file`),
@@ -19,7 +20,6 @@ from pathlib import Path
 
 from kvstore.config import StoreConfig, load_config
 
-MODES = {"prefix": "PREFIX", "passages": "STANDALONE"}  # keep in step with kvstore/cli.py
 _MAX_LISTED_FAILURES = 20
 
 
@@ -59,6 +59,7 @@ def config_overrides(args) -> dict[str, str]:
 def run_precompute_command(config: StoreConfig, args, sets: dict[str, str]) -> int:
     import torch
 
+    from connectors.commands import PRECOMPUTE_MODES
     from connectors.precompute.corpus import count_entries, read_corpus
     from connectors.precompute.job import PrecomputeJob, PrecomputeOptions
     from connectors.precompute.target import build_target, describe_target, target_section
@@ -77,7 +78,7 @@ def run_precompute_command(config: StoreConfig, args, sets: dict[str, str]) -> i
     getattr(config, section).make_codec()  # a codec level it does not take fails here, before the model loads
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     options = PrecomputeOptions(
-        kind=ChunkKind[MODES[args.mode]], namespace=config.namespace, chunk_tokens=config.chunk_tokens,
+        kind=ChunkKind[PRECOMPUTE_MODES[args.mode]], namespace=config.namespace, chunk_tokens=config.chunk_tokens,
         passage_tokens=args.passage_tokens, add_special_tokens=args.add_special_tokens, max_tokens=args.max_tokens,
         batch_size=args.batch_size or (8 if device.startswith("cuda") else 1), upload_workers=args.workers,
         dry_run=args.dry_run)
