@@ -27,7 +27,7 @@ from typing import Collection
 import numpy as np
 import torch
 
-from connectors.hf.bridge import decode_greedy, kv_to_cache, model_fingerprint
+from connectors.hf.bridge import Prefill, cache_layers, decode_greedy, kv_from_layers, kv_to_cache, model_fingerprint
 from kvstore.chunk import Chunk
 from kvstore.errors import InvalidTokensError
 from kvstore.keys import ChunkRef, as_token_array
@@ -51,13 +51,6 @@ class LoadReport:
     ttft_s: float = 0.0
     stored_chunks: int = 0  # new chunks handed to the store's writer by this request
     fallback: str | None = None  # why stored KV that the lookup found was not all used
-
-
-@dataclass(slots=True)
-class Prefilled:
-    cache: object  # a transformers DynamicCache holding the prompt's KV (batch 1)
-    logits: torch.Tensor  # [V] at the prompt's last position
-    report: LoadReport
 
 
 @dataclass(slots=True)
@@ -89,7 +82,7 @@ class HFConnector:
     # -- prefill -------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, input_ids) -> Prefilled:
+    def prefill(self, input_ids) -> Prefill:
         """Prefill `input_ids` ([T] token ids, T >= 1), reusing the longest stored chunk-aligned prefix."""
         ids = self._token_array(input_ids)
         report = LoadReport(prompt_tokens=len(ids))
@@ -109,7 +102,8 @@ class HFConnector:
 
         reused = n_hit * self.chunk_tokens
         cache = kv_to_cache(kv, self.model) if kv is not None else None
-        rest = torch.from_numpy(ids[reused:].astype(np.int64)).reshape(1, -1).to(self.model.device)
+        prompt = torch.from_numpy(ids.astype(np.int64))  # [T]
+        rest = prompt[reused:].reshape(1, -1).to(self.model.device)
         out = self.model(rest, past_key_values=cache, use_cache=True)
         logits = out.logits[0, -1]
         t3 = time.perf_counter()
@@ -120,7 +114,7 @@ class HFConnector:
 
         cache = out.past_key_values
         report.stored_chunks = self._store_async(ids, cache, first_chunk=n_hit)
-        return Prefilled(cache, logits, report)
+        return Prefill(prompt, cache, logits, report.ttft_s, report)
 
     def _load(self, refs: list[ChunkRef]) -> tuple[torch.Tensor | None, int, dict[str, int], str | None]:
         """Leading chunks of `refs` as one KV tensor [L, 2, n*C, H, D]; stops at the first failure."""
@@ -176,7 +170,7 @@ class HFConnector:
             return 0
         # The cache's layer tensors are replaced (not written) as decoding appends, so these references
         # stay valid while the writer reads them.
-        layers = [(layer.keys, layer.values) for layer in cache.layers]  # each [1, H, T, D]
+        layers = cache_layers(cache)  # each [1, H, T, D]
         if any(k.shape[2] < n_full * self.chunk_tokens for k, _ in layers):
             # A sliding-window cache keeps only its window: there is no full-context KV to store.
             log.warning("the model's cache holds fewer positions than the prompt (sliding window?); not storing")
@@ -190,12 +184,7 @@ class HFConnector:
     def _store(self, ids: np.ndarray, layers: list[tuple[torch.Tensor, torch.Tensor]], first_chunk: int) -> None:
         try:
             refs = self.store.chunk_refs(ids, fingerprint=self.fingerprint, namespace=self.namespace)[first_chunk:]
-            chunks = []
-            for r in refs:
-                # [1, H, T, D] -> [T, H, D] per layer and K/V -> [L, 2, C, H, D]
-                kv = torch.stack([torch.stack([k[0, :, r.start:r.end].transpose(0, 1), v[0, :, r.start:r.end].transpose(0, 1)])
-                                  for k, v in layers]).to("cpu")
-                chunks.append(Chunk.from_ref(r, kv))
+            chunks = [Chunk.from_ref(r, kv_from_layers(layers, start=r.start, end=r.end).to("cpu")) for r in refs]
             self.store.put(chunks)
         except Exception as e:  # storing is best effort: the answer is already out
             self.store_failures += 1
@@ -220,10 +209,8 @@ class HFConnector:
         self.close()
 
     def _token_array(self, input_ids) -> np.ndarray:
-        if isinstance(input_ids, torch.Tensor):
-            if input_ids.dim() == 2 and input_ids.shape[0] == 1:
-                input_ids = input_ids[0]
-            input_ids = input_ids.detach().cpu().numpy()
+        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] == 1:
+            input_ids = input_ids[0]  # transformers' [1, T]
         ids = as_token_array(input_ids)
         if len(ids) == 0:
             raise InvalidTokensError("the prompt is empty")

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from connectors.hf import compute_chunks
+from connectors.hf import cache_layers, compute_chunks, kv_from_layers
 from kvstore.chunk import Chunk
 from kvstore.keys import ChunkKey, ChunkKind, ChunkRef, chunk_refs
 
@@ -104,14 +104,8 @@ def prefill_padded(model, seqs: Sequence[np.ndarray]) -> list[torch.Tensor]:
         ids[i, : len(s)] = torch.from_numpy(s.astype(np.int64))
         mask[i, : len(s)] = 1
     out = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    result = []
-    for i, n in enumerate(lengths):
-        # keys/values of layer l: [B, H, T, D] -> [T_i, H, D] of sequence i
-        layers = [torch.stack([layer.keys[i, :, :n].transpose(0, 1), layer.values[i, :, :n].transpose(0, 1)])
-                  for layer in cache.layers[: model.config.num_hidden_layers]]
-        result.append(torch.stack(layers).contiguous())  # [L, 2, T_i, H, D]
-    return result
+    layers = cache_layers(out.past_key_values, model.config.num_hidden_layers)  # each [B, H, T, D]
+    return [kv_from_layers(layers, row=i, end=n) for i, n in enumerate(lengths)]  # each [L, 2, T_i, H, D]
 
 
 def compute_missing(model, batch: Sequence[Work], *, fingerprint: str, namespace: str, chunk_tokens: int,
