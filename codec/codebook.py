@@ -127,7 +127,7 @@ class Codebook:
 
 
 def profile_codebook(fingerprint: str, symbol_counts: dict[int, np.ndarray], layers: int, channels: int) -> Codebook:
-    """Counts per level [layers * 2 * channels, A] (from `cachegen.count_symbols` over sample chunks)
+    """Counts per level [layers * 2 * channels, A] (from `cachegen_quant.count_symbols` over sample chunks)
     -> a codebook; every symbol keeps a non-zero frequency so any chunk can be coded."""
     freqs = {lv: normalize_freqs(c, floor=True) for lv, c in symbol_counts.items()}
     for lv, f in freqs.items():

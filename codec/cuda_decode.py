@@ -17,7 +17,8 @@ import torch
 from numba import cuda
 
 from codec.base import CodecError
-from codec.cachegen import _OUT_BITS, CacheGenCodec, dequantize_values
+from codec.cachegen import CacheGenCodec
+from codec.cachegen_quant import _OUT_BITS, dequantize_values
 from codec.rans import BAD_STATE, LUT_SHIFT, OK, OVERRUN, PREC, RANS_L, TOTAL, CodingTables
 
 THREADS = 64

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from codec.base import CodecError
-from codec.cachegen import LEVELS, count_symbols
+from codec.cachegen_quant import LEVELS, count_symbols
 from codec.codebook import Codebook, profile_codebook
 
 

@@ -120,9 +120,8 @@ def compute_chunks(
                       kind=kind, include_partial=include_partial)
     if not refs:
         return []
-    end = refs[-1].end
-    ids = torch.from_numpy(np.concatenate([r.tokens for r in refs]).astype(np.int64))  # [end]
-    kv = prefill_kv(model, ids)  # [L, 2, end, H, D]
+    ids = torch.from_numpy(np.concatenate([r.tokens for r in refs]).astype(np.int64))  # [T], T = refs[-1].end
+    kv = prefill_kv(model, ids)  # [L, 2, T, H, D]
     return [Chunk.from_ref(r, kv[:, :, r.start:r.end].contiguous()) for r in refs]
 
 
