@@ -32,14 +32,17 @@ class Codec(ABC):
     # True when the payload is exactly the tensor's bytes: readers may then read it straight into `out`.
     payload_is_raw: ClassVar[bool] = False
 
-    @abstractmethod
     def params(self) -> bytes:
-        """Serialized parameters, stored in the record header (at most 64 KiB)."""
+        """Serialized parameters, stored in the record header (at most 64 KiB); none by default."""
+        return b""
 
     @classmethod
-    @abstractmethod
     def from_params(cls, params: bytes) -> "Codec":
-        """The codec that decodes what an instance with these `params()` encoded."""
+        """The codec that decodes what an instance with these `params()` encoded (by default: a codec
+        without parameters, which refuses any)."""
+        if params:
+            raise CodecError(f"{cls.name} codec takes no parameters")
+        return cls()
 
     @classmethod
     def at_level(cls, level: int) -> "Codec":

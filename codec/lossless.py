@@ -46,15 +46,6 @@ class RawCodec(Codec):
     lossless = True
     payload_is_raw = True
 
-    def params(self) -> bytes:
-        return b""
-
-    @classmethod
-    def from_params(cls, params: bytes) -> "RawCodec":
-        if params:
-            raise CodecError("raw codec takes no parameters")
-        return cls()
-
     def encode(self, kv: torch.Tensor) -> memoryview:
         kv = kv.contiguous()
         return memoryview(_byte_view(kv).numpy())

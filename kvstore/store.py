@@ -39,15 +39,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class StoreCounters(Counters):
-    lookups: int = 0
-    lookup_tokens: int = 0
-    lookup_hit_tokens: int = 0
-    token_mismatches: int = 0
-    tier_failures: int = 0
-    promotions: int = 0
-    demotions: int = 0
-    async_writes: int = 0
-    async_failures: int = 0
+    lookups: int = 0  # `lookup` calls
+    lookup_tokens: int = 0  # tokens they asked about
+    lookup_hit_tokens: int = 0  # leading tokens found stored
+    token_mismatches: int = 0  # hits whose stored token ids differ from the ref's: served as misses
+    tier_failures: int = 0  # tier calls that raised (counted as misses)
+    promotions: int = 0  # chunks copied into faster tiers on a hit
+    demotions: int = 0  # chunks evicted from the first tier and written back to the next
+    async_writes: int = 0  # chunks the slower tiers' writers stored
+    async_failures: int = 0  # chunks whose write to a slower tier failed
     dropped_writes: int = 0  # chunks a remote tier skipped because it was behind
 
 

@@ -22,7 +22,7 @@ import logging
 import time
 from abc import abstractmethod
 from contextlib import closing
-from typing import Iterator, Sequence, Union
+from typing import Callable, Iterator, Sequence, Union
 
 import torch
 
@@ -103,14 +103,18 @@ class ByteTier(Tier):
         return results
 
     def put(self, chunks: Sequence[Chunk]) -> list[bool]:
-        if not chunks:
+        return self._store([c.key for c in chunks], lambda: self._encode(chunks))
+
+    def _store(self, keys: Sequence[ChunkKey], records: Callable[[], Sequence[RecordParts]]) -> list[bool]:
+        """`_write` of the records `records()` makes (timed with them), counted."""
+        if not keys:
             return []
         if not self.available():
-            self.stats.add(put_rejected=len(chunks))
-            return [False] * len(chunks)
+            self.stats.add(put_rejected=len(keys))
+            return [False] * len(keys)
         with Timer() as t:
-            ok, written, nbytes = self._write([c.key for c in chunks], self._encode(chunks))
-        self._count_put(ok, written, nbytes, t.seconds)
+            ok, written, nbytes = self._write(keys, records())
+        self.stats.add(puts=written, put_rejected=ok.count(False), bytes_written=nbytes, put_calls=1, put_seconds=t.seconds)
         return ok
 
     # -- records as bytes ----------------------------------------------------------------------------
@@ -136,18 +140,7 @@ class ByteTier(Tier):
 
     def put_bytes(self, keys: Sequence[ChunkKey], records: Sequence[Buffer]) -> list[bool]:
         """Store whole records as they are (from `get_bytes` of another byte tier: checked already)."""
-        if not keys:
-            return []
-        if not self.available():
-            self.stats.add(put_rejected=len(keys))
-            return [False] * len(keys)
-        with Timer() as t:
-            ok, written, nbytes = self._write(keys, [[r] for r in records])
-        self._count_put(ok, written, nbytes, t.seconds)
-        return ok
-
-    def _count_put(self, ok: list[bool], written: int, nbytes: int, seconds: float) -> None:
-        self.stats.add(puts=written, put_rejected=ok.count(False), bytes_written=nbytes, put_calls=1, put_seconds=seconds)
+        return self._store(keys, lambda: [[r] for r in records])
 
 
 class RemoteTier(ByteTier):
