@@ -1,3 +1,5 @@
+"""`python -m connectors`: the whole `kvstore` command line (see `connectors.cli`)."""
+
 import sys
 
 from connectors.cli import main
