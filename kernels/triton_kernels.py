@@ -52,9 +52,10 @@ class _NullGuard:
 @triton.jit
 def _tile(num_rows, num_heads, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
           BLOCK_D: tl.constexpr):
-    """This program's tile of the grid (row tiles, head tiles, ...): row numbers [BT] (int64) and which of
-    them exist, head indices [BH] (int64), dims [BD], and which (head, dim) pairs exist [BH, BD]."""
-    rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    """This program's tile of the grid (row tiles, head tiles, ...): row numbers [BT] (int32, as the index
+    loads want them) and which of them exist, head indices [BH] (int64), dims [BD], and which (head, dim)
+    pairs exist [BH, BD]."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     return rows, rows < num_rows, h, d, (h[:, None] < num_heads) & (d[None, :] < HEAD_DIM)
@@ -90,7 +91,7 @@ def _paged_kernel(
     off = slot - blk * block_size
     layer_off = tl.multiple_of(tl.load(layer_off_ptr + layer), LAYER_ALIGN)
     cache_row = layer_off + kv * c_kv + blk * c_blk + off * c_off  # [BT] int64
-    chunk_row = layer * o_l + kv * o_kv + t * o_t  # [BT] int64
+    chunk_row = layer * o_l + kv * o_kv + t.to(tl.int64) * o_t  # [BT] int64
 
     cache_in = h[:, None] * c_h + d[None, :] * c_d  # [BH, BD]
     chunk_in = h[:, None] * o_h + d[None, :] * o_d
@@ -189,11 +190,11 @@ def _rows_kernel(
     if SRC_INDEXED:
         st = tl.load(src_idx_ptr + i, mask=ok, other=-1)
     else:
-        st = i
+        st = i.to(tl.int64)
     if DST_INDEXED:
         dt = tl.load(dst_idx_ptr + i, mask=ok, other=-1)
     else:
-        dt = i
+        dt = i.to(tl.int64)
     ok = ok & (st >= 0) & (dt >= 0)
     src_row = b * s_b + st * s_t  # [BT] int64
     dst_row = b * o_b + dt * o_t

@@ -46,11 +46,10 @@ class BoundedWriter:
         self._pending_bytes = 0  # queued and running
         self._jobs = 0  # queued and running
         self._closed = False
-        # Daemon threads: an aborted writer must not hold the interpreter at exit; `_drain_at_exit` waits
-        # for the jobs of writers that were not closed.
+        # Daemon threads, started by the first submit: an aborted writer must not hold the interpreter at
+        # exit; `_drain_at_exit` waits for the jobs of writers that were not closed.
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)]
-        for t in self._threads:
-            t.start()
+        self._started = False
         _open_writers.add(self)
 
     @property
@@ -72,10 +71,16 @@ class BoundedWriter:
             if when_full == "wait":
                 while full() and not self._closed:
                     self._cond.wait()
+                if self._closed:
+                    raise TierError(f"writer {self.name} was closed while a job waited for room")
             self._pending_bytes += nbytes
             self._jobs += 1
             self._queue.append((job, nbytes))
             self._cond.notify_all()
+            if not self._started:
+                self._started = True
+                for t in self._threads:
+                    t.start()
         return True
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -96,7 +101,7 @@ class BoundedWriter:
             self._cond.notify_all()
         deadline = None if timeout is None else time.monotonic() + timeout
         for t in self._threads:
-            if t is not threading.current_thread():
+            if t.is_alive() and t is not threading.current_thread():
                 t.join(None if deadline is None else max(deadline - time.monotonic(), 0.0))
         _open_writers.discard(self)
         return not any(t.is_alive() for t in self._threads)

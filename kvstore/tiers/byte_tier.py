@@ -65,7 +65,8 @@ class ByteTier(Tier):
         `RecordError` for a bad record, `OSError` for a medium that fails, None for one that is gone."""
         return decode_record(source, out, key=key, max_kv_bytes=self.max_kv_bytes)
 
-    def _read_bytes(self, source) -> bytes | memoryview:
+    def _read_bytes(self, source) -> bytes | memoryview | None:
+        """The whole record in `source`, unchecked; None for one that is gone."""
         return source
 
     def _discard(self, key: ChunkKey, source: object, reason: str) -> None:
@@ -128,6 +129,8 @@ class ByteTier(Tier):
             for i, source, _ in sources:
                 try:
                     data = self._read_bytes(source)
+                    if data is None:
+                        continue
                     verify_record(data, key=keys[i], max_kv_bytes=self.max_kv_bytes)
                     results[i] = bytes(data)
                 except RecordError as e:

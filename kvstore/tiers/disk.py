@@ -226,9 +226,14 @@ class DiskTier(ByteTier):
             self.index.forget(digest, e)
             return None
 
-    def _read_bytes(self, source: tuple[bytes, _File]) -> bytes:
-        with open(source[1].path, "rb") as f:
-            return f.read()
+    def _read_bytes(self, source: tuple[bytes, _File]) -> bytes | None:
+        digest, e = source
+        try:
+            with open(e.path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            self.index.forget(digest, e)
+            return None
 
     def _discard(self, key: ChunkKey, source: tuple[bytes, _File], reason: str) -> None:
         self._quarantine(*source, reason)
