@@ -9,7 +9,7 @@ install:
 	$(PIP) install -q -e ".[test]"
 
 demo: install
-	$(PYTHON) -m kvstore demo
+	$(PYTHON) -m connectors demo
 
 test: install
 	$(PYTHON) -m pytest

@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     random.seed(0)
     model, tok, info = load_bench_model(args.model)
     fp = model_fingerprint(model)
-    cb = codebooks.for_model(fp)
+    cb = codebooks.for_fingerprint(fp)
     print(f"{info['model']} ({info['model_layers']} layers), fingerprint {fp}; codebook: "
           f"{'shipped, ' + str(len(cb.to_bytes())) + ' bytes raw' if cb else 'none (per-chunk tables)'}")
     n_ex = 8 if args.quick else (40 if args.model == "tiny" else 20)  # the tiny model keeps its old run

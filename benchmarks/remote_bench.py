@@ -4,7 +4,7 @@
 
 - Redis tier put/get of 32 MiB chunks beside raw redis-py SET/GET of the same record bytes, alternating
   in one run (ratio = raw time / our time). Needs `redis-server` on PATH; a private server is started.
-- The sidecar (`kvstore serve` in a subprocess, disk tier with fsync, raw codec) through `HttpTier`:
+- The sidecar (`kvstore serve` in a subprocess, disk tier with fsync, raw codec) through `SidecarTier`:
   put and get GB/s of 32 MiB chunks and the p99 latency, beside raw redis-py of the same bytes.
 - Load test: 16 client threads put and get 2 MiB chunks against the sidecar for a bounded time; every get
   is checked against the digest of what was put. Reports throughput, p50/p99, errors, lost and corrupt.
@@ -30,7 +30,7 @@ from codec import make_codec
 from kvstore.chunk import Chunk
 from kvstore.keys import chunk_refs
 from kvstore.record import encode_record
-from kvstore.tiers import HttpTier, RedisTier
+from kvstore.tiers import SidecarTier, RedisTier
 from benchmarks.servers import RedisServer
 from benchmarks.servers import ServeProcess
 
@@ -41,7 +41,7 @@ SHAPE_2M = (8, 2, 256, 2, 128)  # fp16, 2 MiB
 def chunks(shape, n: int, seed: int, namespace: str = "bench") -> list[Chunk]:
     g = torch.Generator().manual_seed(seed)
     kv = torch.randn(shape, generator=g).to(torch.float16)
-    refs = chunk_refs(np.arange(n * shape[2]) + seed * n * shape[2], namespace=namespace, model="bench", chunk_tokens=shape[2])
+    refs = chunk_refs(np.arange(n * shape[2]) + seed * n * shape[2], namespace=namespace, fingerprint="bench", chunk_tokens=shape[2])
     return [Chunk.from_ref(r, kv) for r in refs]
 
 
@@ -77,7 +77,7 @@ def start_sidecar(workdir: Path) -> tuple[ServeProcess, str]:
 
 
 def bench_sidecar(url: str, token: str, repeats: int) -> dict:
-    tier = HttpTier(url, token, make_codec("raw"), timeout=60)
+    tier = SidecarTier(url, token, make_codec("raw"), timeout=60)
     cs = chunks(SHAPE_32M, repeats, seed=2)
     put_times, get_times = [], []
     for c in cs:
@@ -103,7 +103,7 @@ def load_test(url: str, token: str, clients: int, seconds: float) -> dict:
     deadline = time.monotonic() + seconds
 
     def client(cid: int) -> None:
-        tier = HttpTier(url, token, make_codec("raw"), timeout=30)
+        tier = SidecarTier(url, token, make_codec("raw"), timeout=30)
         rng = random.Random(cid)
         mine: list[tuple[Chunk, int]] = []
         i = 0

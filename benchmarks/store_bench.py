@@ -36,7 +36,7 @@ SHAPES = {  # [L, 2, T, H, D] fp16, 256 tokens
 def make_chunks(shape, n: int, seed: int) -> list[Chunk]:
     g = torch.Generator().manual_seed(seed)
     kv = torch.randn(shape, generator=g).to(torch.float16)
-    refs = chunk_refs(np.arange(n * shape[2]) + seed * 10_000_000, namespace="bench", model="bench", chunk_tokens=shape[2])
+    refs = chunk_refs(np.arange(n * shape[2]) + seed * 10_000_000, namespace="bench", fingerprint="bench", chunk_tokens=shape[2])
     # Distinct keys, shared content: content does not change the cost of raw moves.
     return [Chunk.from_ref(r, kv) for r in refs]
 
@@ -47,7 +47,7 @@ def bench_memory(shape, repeats: int) -> dict:
     nbytes = int(np.prod(shape)) * 2
     n = max(8, (256 << 20) // nbytes)
     g = torch.Generator().manual_seed(shape[0])
-    refs = chunk_refs(np.arange(n * shape[2]) + 7_000_000, namespace="bench", model="bench", chunk_tokens=shape[2])
+    refs = chunk_refs(np.arange(n * shape[2]) + 7_000_000, namespace="bench", fingerprint="bench", chunk_tokens=shape[2])
     chunks = [Chunk.from_ref(r, torch.randn(shape, generator=g).to(torch.float16)) for r in refs]
     tier = MemoryTier(nbytes * (n + 1), "cpu")
     tier.arena.buffer.fill_(0)  # touch every page once so neither side pays first-touch faults
@@ -122,15 +122,15 @@ def bench_disk(shape, repeats: int, root: str, codec: str = "raw") -> dict:
 def bench_lookup(repeats: int, root: str) -> dict:
     tokens = np.random.default_rng(0).integers(0, 128_000, 131072)
     store = TieredStore([MemoryTier(1 << 30), DiskTier(os.path.join(root, "lookup"), 1 << 40, make_codec("raw"), fsync=False)])
-    refs = store.chunk_refs(tokens, model="bench")
+    refs = store.chunk_refs(tokens, fingerprint="bench")
     kv = torch.zeros(1, 2, 256, 1, 8, dtype=torch.float16)
     store.put([Chunk.from_ref(r, kv) for r in refs])
     store.flush()
-    assert store.lookup(tokens, model="bench") == len(tokens)
-    mem_s = median_seconds(lambda: store.lookup(tokens, model="bench"), repeats * 4)
+    assert store.lookup(tokens, fingerprint="bench") == len(tokens)
+    mem_s = median_seconds(lambda: store.lookup(tokens, fingerprint="bench"), repeats * 4)
     store.tiers[0].clear()  # now every chunk is found in the disk tier's index
-    assert store.lookup(tokens, model="bench") == len(tokens)
-    disk_s = median_seconds(lambda: store.lookup(tokens, model="bench"), repeats * 4)
+    assert store.lookup(tokens, fingerprint="bench") == len(tokens)
+    disk_s = median_seconds(lambda: store.lookup(tokens, fingerprint="bench"), repeats * 4)
     store.close()
     return {"lookup_ms_128k": mem_s * 1e3, "lookup_ms_128k_disk": disk_s * 1e3}
 
@@ -139,7 +139,7 @@ def bench_rebuild(n: int, root: str) -> dict:
     d = os.path.join(root, "rebuild")
     tier = DiskTier(d, 1 << 40, make_codec("raw"), fsync=False)
     kv = torch.zeros(1, 2, 16, 1, 4, dtype=torch.float16)
-    refs = chunk_refs(np.arange(n * 16), namespace="bench", model="bench", chunk_tokens=16)
+    refs = chunk_refs(np.arange(n * 16), namespace="bench", fingerprint="bench", chunk_tokens=16)
     for i in range(0, n, 1000):
         tier.put([Chunk.from_ref(r, kv) for r in refs[i : i + 1000]])
     tier.close()

@@ -139,7 +139,7 @@ def main() -> None:
             if can_drop:
                 stores.append((f"disk-cold/{label}", label, stores[-1][2], codec.lossless))
         for mode, label, store, lossless in stores:
-            if not store.lookup_refs(store.chunk_refs(ids[:n], model=fp)):
+            if not store.lookup_refs(store.chunk_refs(ids[:n], fingerprint=fp)):
                 store.put(chunks)
                 store.flush()
             conn = HFConnector(model, store, fingerprint=fp, store_new=False)

@@ -7,7 +7,7 @@ Public API:
   selection, per-layer time);
 - `Segment.cached(tokens, kv, start_pos)` / `Segment.fresh(tokens)`, `SegmentFetch` (KV fetched in the
   background), `BlendConfig`;
-- `store_segments(store, parts, model=..)` with `Part.passage(tokens)` / `Part.fresh(tokens)`: segments
+- `store_segments(store, parts, fingerprint=..)` with `Part.passage(tokens)` / `Part.fresh(tokens)`: segments
   whose passages are looked up in a `TieredStore` under standalone keys;
 - `LayerDriver`: the layer-by-layer access to a transformers Llama/Mistral/Qwen2/Qwen3 model.
 Errors: `BlendError` (a `ValueError`) and its subclasses. See docs/BLEND.md.

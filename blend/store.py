@@ -6,7 +6,7 @@ include_partial=True)`; `kvstore precompute` does the same in batch), chained wi
 fixed standalone root. A passage longer than a chunk spans several chunks; its trailing partial chunk is
 stored too, so short passages hit.
 
-`store_segments(store, parts, model=..)` -> a `SegmentFetch`: the token ids now, and a `fetch()` that
+`store_segments(store, parts, fingerprint=..)` -> a `SegmentFetch`: the token ids now, and a `fetch()` that
 gets every passage chunk in one batched `store.get` (token ids verified on hit). A chunk no tier holds
 becomes a fresh segment: blend computes it, it is not an error.
 """
@@ -39,13 +39,13 @@ class Part:
         return cls(as_ids(tokens), False)
 
 
-def passage_refs(store, tokens, *, model: str, namespace: str = "default") -> list[ChunkRef]:
+def passage_refs(store, tokens, *, fingerprint: str, namespace: str = "default") -> list[ChunkRef]:
     """The standalone chunk refs of one passage (the trailing partial chunk included)."""
-    return store.chunk_refs(as_ids(tokens), model=model, namespace=namespace, kind=ChunkKind.STANDALONE,
+    return store.chunk_refs(as_ids(tokens), fingerprint=fingerprint, namespace=namespace, kind=ChunkKind.STANDALONE,
                             include_partial=True)
 
 
-def store_segments(store, parts: Sequence[Part], *, model: str, namespace: str = "default") -> SegmentFetch:
+def store_segments(store, parts: Sequence[Part], *, fingerprint: str, namespace: str = "default") -> SegmentFetch:
     """A `SegmentFetch` over `parts` in prompt order: one segment per passage chunk, one per fresh part."""
     plan: list[ChunkRef | torch.Tensor] = []  # a ref to look up, or fresh tokens [T]
     for p in parts:
@@ -54,7 +54,7 @@ def store_segments(store, parts: Sequence[Part], *, model: str, namespace: str =
         if p.tokens.numel() == 0:
             continue
         if p.lookup:
-            plan.extend(passage_refs(store, p.tokens, model=model, namespace=namespace))
+            plan.extend(passage_refs(store, p.tokens, fingerprint=fingerprint, namespace=namespace))
         else:
             plan.append(p.tokens)
     tokens = [torch.from_numpy(x.tokens.astype("int64")) if isinstance(x, ChunkRef) else x for x in plan]

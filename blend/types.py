@@ -18,28 +18,21 @@ import numpy as np
 import torch
 
 from blend.errors import BlendInputError
+from kvstore.errors import InvalidTokensError
+from kvstore.keys import as_token_array
 
 Deviation = Literal["k", "v", "kv"]
 DEVIATIONS = ("k", "v", "kv")
 
 
 def as_ids(tokens) -> torch.Tensor:
-    """Token ids (list, numpy array, tensor) -> [T] int64 CPU tensor; a clear error for anything else."""
-    if isinstance(tokens, torch.Tensor):
-        t = tokens.detach().to("cpu")
-    else:
-        arr = np.asarray(tokens)
-        if arr.size and not np.issubdtype(arr.dtype, np.integer):
-            raise BlendInputError(f"token ids must be integers, got dtype {arr.dtype}")
-        t = torch.from_numpy(arr.astype(np.int64, copy=True)) if arr.size else torch.empty(0, dtype=torch.int64)
-    if t.dim() != 1:
-        raise BlendInputError(f"token ids must be 1-D, got shape {tuple(t.shape)}")
-    if t.numel() and (t.dtype.is_floating_point or t.dtype == torch.bool):
-        raise BlendInputError(f"token ids must be integers, got dtype {t.dtype}")
-    t = t.to(torch.int64)
-    if t.numel() and int(t.min()) < 0:
-        raise BlendInputError("token ids must be >= 0")
-    return t
+    """Token ids (list, numpy array, tensor) -> [T] int64 CPU tensor, checked as the store checks them
+    (`kvstore.keys.as_token_array`); `BlendInputError` for anything else."""
+    try:
+        arr = as_token_array(tokens)  # [T] uint32
+    except InvalidTokensError as e:
+        raise BlendInputError(str(e)) from None
+    return torch.from_numpy(arr.astype(np.int64))
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -11,13 +11,9 @@ from codec import cachegen as _cachegen  # noqa: F401  (registers cachegen)
 
 def make_codec(name: str, level: int | None = None) -> Codec:
     """A codec by registry name, at `level` where the codec has levels (zstd: its compression level;
-    cachegen: 1 smallest .. 3 most faithful, default 2)."""
+    cachegen: 1 smallest .. 3 most faithful, default 2); `CodecError` for a codec without levels."""
     cls = codec_class(name)
-    if level is None:
-        return cls()
-    if name in ("zstd", "cachegen"):
-        return cls(level=level)
-    raise CodecError(f"codec {name!r} takes no level")
+    return cls() if level is None else cls.at_level(level)
 
 
 __all__ = ["Codec", "CodecError", "codec_class", "codec_from_params", "codec_names", "make_codec", "register"]

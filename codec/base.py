@@ -3,10 +3,11 @@
 A `Codec` turns one chunk's KV tensor `[L, 2, T, H, D]` into bytes and back:
 - `encode(kv) -> bytes-like`: a pure function of the tensor and the codec's parameters;
 - `decode(payload, out)`: fills the preallocated `out` (dtype and shape from the record header);
+- `at_level(level)`: the codec at one of its levels (zstd, cachegen), `CodecError` for the others;
 - `params() -> bytes`: the parameters a decoder needs, stored in each record's header, so that a record
   decodes with the codec it was written with, whatever the reader's configuration says;
-- `bind(model) -> Codec`: the codec for chunks of one model (default: itself); record writers call it
-  with the chunk's model fingerprint before `encode` and store the bound codec's `params()`.
+- `bind(fingerprint) -> Codec`: the codec for chunks of one model (default: itself); record writers call
+  it with the chunk's model fingerprint before `encode` and store the bound codec's `params()`.
 `decode` treats its input as untrusted: on anything malformed it raises `CodecError`, never crashes,
 hangs or allocates more than `out` already is.
 
@@ -31,18 +32,26 @@ class Codec(ABC):
     # True when the payload is exactly the tensor's bytes: readers may then read it straight into `out`.
     payload_is_raw: ClassVar[bool] = False
 
-    @abstractmethod
     def params(self) -> bytes:
-        """Serialized parameters, stored in the record header (at most 64 KiB)."""
+        """Serialized parameters, stored in the record header (at most 64 KiB); none by default."""
+        return b""
 
     @classmethod
-    @abstractmethod
     def from_params(cls, params: bytes) -> "Codec":
-        """The codec that decodes what an instance with these `params()` encoded."""
+        """The codec that decodes what an instance with these `params()` encoded (by default: a codec
+        without parameters, which refuses any)."""
+        if params:
+            raise CodecError(f"{cls.name} codec takes no parameters")
+        return cls()
 
-    def bind(self, model: str) -> "Codec":
-        """The codec to encode chunks of `model` (a fingerprint) with. Most codecs ignore the model;
-        `cachegen` returns itself with that model's codebook, whose digest its `params()` then carry."""
+    @classmethod
+    def at_level(cls, level: int) -> "Codec":
+        """This codec at `level`, for codecs that have levels; the others raise `CodecError`."""
+        raise CodecError(f"codec {cls.name!r} takes no level")
+
+    def bind(self, fingerprint: str) -> "Codec":
+        """The codec to encode chunks of the model with this fingerprint. Most codecs ignore it; `cachegen`
+        returns itself with that model's codebook, whose digest its `params()` then carry."""
         return self
 
     @abstractmethod

@@ -5,7 +5,7 @@ cachegen level, one frequency table per (layer, K/V, channel) over that level's 
 a chunk carries only its step sizes and stream lengths; without one it carries its own tables.
 
 Primitives:
-- `profile_codebook(model, chunks, levels)`: count the symbols of sample chunks and normalize;
+- `profile_codebook(fingerprint, counts, layers, channels)`: count the symbols of sample chunks and normalize;
 - `Codebook.to_bytes()` / `Codebook.from_bytes()`: a versioned, checksummed, zstd-compressed file
   (`*.kvcb`); `digest` (16 bytes) names its exact content and goes into each record's codec params;
 - `CodebookRegistry`: codebooks by model fingerprint (for encoding) and by digest (for decoding), loaded
@@ -40,7 +40,7 @@ _MAX_FILE = 256 << 20
 
 @dataclass(slots=True)
 class Codebook:
-    model: str  # the model fingerprint
+    fingerprint: str  # the model's
     layers: int
     channels: int  # H * D
     freqs: dict[int, np.ndarray]  # level -> [layers * 2 * channels, A] uint32 summing to 2**PREC
@@ -51,13 +51,13 @@ class Codebook:
         t = self._tables.get(level)
         if t is None:
             if level not in self.freqs:
-                raise CodecError(f"codebook for {self.model} has no tables for level {level}")
+                raise CodecError(f"codebook for {self.fingerprint} has no tables for level {level}")
             t = self._tables[level] = CodingTables.from_freqs(self.freqs[level])
         return t
 
     def to_bytes(self) -> bytes:
         if self._bytes is None:
-            fp = self.model.encode()
+            fp = self.fingerprint.encode()
             parts = [_HEAD.pack(MAGIC, VERSION, PREC, self.layers, self.channels, len(self.freqs)),
                      struct.pack("<B", len(fp)), fp]
             for level in sorted(self.freqs):
@@ -74,7 +74,7 @@ class Codebook:
     def save(self, directory: Path) -> Path:
         """Write `<dir>/<fingerprint>.kvcb` (atomically: temp file, then rename)."""
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / (self.model.replace("/", "_") + SUFFIX)
+        path = directory / (self.fingerprint.replace("/", "_") + SUFFIX)
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(zstandard.ZstdCompressor(level=19).compress(self.to_bytes()))
         tmp.replace(path)
@@ -93,7 +93,7 @@ class Codebook:
             raise CodecError(f"not a codebook of version {VERSION} with {PREC}-bit tables")
         pos = _HEAD.size
         n = body[pos]
-        model = body[pos + 1 : pos + 1 + n].decode("utf-8", "replace")
+        fingerprint = body[pos + 1 : pos + 1 + n].decode("utf-8", "replace")
         pos += 1 + n
         freqs, tables = {}, {}
         rows = layers * 2 * channels
@@ -114,7 +114,7 @@ class Codebook:
             freqs[level] = f
         if pos != len(body):
             raise CodecError("codebook has trailing bytes")
-        return cls(model, layers, channels, freqs, data, tables)
+        return cls(fingerprint, layers, channels, freqs, data, tables)
 
     @classmethod
     def load(cls, path: Path) -> "Codebook":
@@ -126,14 +126,14 @@ class Codebook:
         return cls.from_bytes(data)
 
 
-def profile_codebook(model: str, symbol_counts: dict[int, np.ndarray], layers: int, channels: int) -> Codebook:
-    """Counts per level [layers * 2 * channels, A] (from `cachegen.count_symbols` over sample chunks)
+def profile_codebook(fingerprint: str, symbol_counts: dict[int, np.ndarray], layers: int, channels: int) -> Codebook:
+    """Counts per level [layers * 2 * channels, A] (from `cachegen_quant.count_symbols` over sample chunks)
     -> a codebook; every symbol keeps a non-zero frequency so any chunk can be coded."""
     freqs = {lv: normalize_freqs(c, floor=True) for lv, c in symbol_counts.items()}
     for lv, f in freqs.items():
         if f.shape[0] != layers * 2 * channels:
             raise CodecError(f"level {lv} counts have {f.shape[0]} rows, expected {layers * 2 * channels}")
-    return Codebook(model, layers, channels, freqs)
+    return Codebook(fingerprint, layers, channels, freqs)
 
 
 def default_codebook_dirs() -> list[Path]:
@@ -151,21 +151,16 @@ class CodebookRegistry:
 
     def __init__(self, dirs: list[Path] | None = None, rescan_s: float = 5.0) -> None:
         self._dirs = list(dirs) if dirs is not None else default_codebook_dirs()
-        self._by_model: dict[str, Codebook] = {}
+        self._by_fingerprint: dict[str, Codebook] = {}
         self._by_digest: dict[bytes, Codebook] = {}
         self._seen: set[Path] = set()
         self._last_scan = -1e9
         self._rescan_s = rescan_s
         self._lock = threading.Lock()
 
-    def add_dir(self, path: Path) -> None:
-        with self._lock:
-            self._dirs.append(Path(path))
-            self._last_scan = -1e9
-
     def register(self, cb: Codebook) -> None:
         with self._lock:
-            self._by_model[cb.model] = cb
+            self._by_fingerprint[cb.fingerprint] = cb
             self._by_digest[cb.digest] = cb
 
     def _scan(self, force: bool = False) -> None:
@@ -184,14 +179,14 @@ class CodebookRegistry:
                     cb = Codebook.load(path)
                 except (OSError, CodecError):
                     continue  # a broken file is skipped: records that need it decode as misses
-                self._by_model.setdefault(cb.model, cb)
+                self._by_fingerprint.setdefault(cb.fingerprint, cb)
                 self._by_digest[cb.digest] = cb
 
-    def for_model(self, model: str) -> Codebook | None:
+    def for_fingerprint(self, fingerprint: str) -> Codebook | None:
         with self._lock:
-            if model not in self._by_model:
+            if fingerprint not in self._by_fingerprint:
                 self._scan()
-            return self._by_model.get(model)
+            return self._by_fingerprint.get(fingerprint)
 
     def by_digest(self, digest: bytes) -> Codebook | None:
         with self._lock:

@@ -17,8 +17,9 @@ import torch
 from numba import cuda
 
 from codec.base import CodecError
-from codec.cachegen import _OUT_BITS, CacheGenCodec, dequantize_values
-from codec.rans import LUT_SHIFT, OK, OVERRUN, PREC, RANS_L, TOTAL, CodingTables
+from codec.cachegen import CacheGenCodec
+from codec.cachegen_quant import _OUT_BITS, dequantize_values
+from codec.rans import BAD_STATE, LUT_SHIFT, OK, OVERRUN, PREC, RANS_L, TOTAL, CodingTables
 
 THREADS = 64
 _device_tables: dict[int, tuple[CodingTables, object, object, object]] = {}

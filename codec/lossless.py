@@ -46,15 +46,6 @@ class RawCodec(Codec):
     lossless = True
     payload_is_raw = True
 
-    def params(self) -> bytes:
-        return b""
-
-    @classmethod
-    def from_params(cls, params: bytes) -> "RawCodec":
-        if params:
-            raise CodecError("raw codec takes no parameters")
-        return cls()
-
     def encode(self, kv: torch.Tensor) -> memoryview:
         kv = kv.contiguous()
         return memoryview(_byte_view(kv).numpy())
@@ -81,6 +72,10 @@ class ZstdCodec(Codec):
         self.shuffle = shuffle
         # zstandard contexts must not be shared between threads: one per thread that encodes.
         self._local = threading.local()
+
+    @classmethod
+    def at_level(cls, level: int) -> "ZstdCodec":
+        return cls(level=level)
 
     def params(self) -> bytes:
         return _ZSTD_PARAMS.pack(self.level, int(self.shuffle))

@@ -1,100 +1,32 @@
-"""`python -m codec.profile`: profile a cachegen codebook for a Hugging Face causal LM and save it.
+"""Profiling a `cachegen` codebook from sample KV: `profile_kv(fingerprint, chunks)`.
 
-    python -m codec.profile --out ~/.cache/kvstore/codebooks [--model DIR] [--texts FILE] [--chunks 48]
-
-`--model` is a local transformers model folder (default: the shipped tiny Llama); `--texts` a file with
-one text per line, or a .jsonl whose objects have a "text" field or "passages" (default: training-style
-texts from the corpus generator, never the held-out set the benchmark measures on). The KV of
-each text's full 256-token chunks is quantized at every level and counted; the codebook is written as
-`<fingerprint>.kvcb` into `--out`, where `codec.codebook.codebooks` finds it (see docs/CODEC.md).
-
-This is an edge tool: unlike the rest of `codec`, it imports the model bridge of `connectors`.
+Each sample chunk's KV is quantized at every cachegen level and its symbols counted; the counts become
+one frequency table per (layer, K/V, channel) and level (`codebook.profile_codebook`). Where the sample
+KV comes from is not this package's business: `python -m connectors.profile` prefills texts with a
+transformers model and hands its chunks here.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from pathlib import Path
+from typing import Iterable
 
+import numpy as np
 import torch
 
-from codec.cachegen import LEVELS, count_symbols
+from codec.base import CodecError
+from codec.cachegen_quant import LEVELS, count_symbols
 from codec.codebook import Codebook, profile_codebook
 
-CHUNK = 256
 
-
-def read_texts(path: Path) -> list[str]:
-    texts = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            obj = json.loads(line)
-            texts.append(obj["text"] if "text" in obj else "\n\n".join(obj.get("passages", [])))
-        else:
-            texts.append(line)
-    return texts
-
-
-def profile_model(model, tokenizer, texts: list[str], max_chunks: int) -> Codebook:
-    """KV of up to `max_chunks` full 256-token chunks of `texts` -> the model's codebook."""
-    from connectors.hf import kv_layout, model_fingerprint, prefill_kv
-
-    layout = kv_layout(model)
-    counts: dict[int, object] = {lv: None for lv in LEVELS}
-    n = 0
-    for text in texts:
-        ids = torch.tensor(tokenizer.encode(text))
-        full = (len(ids) // CHUNK) * CHUNK
-        if full == 0:
-            continue
-        kv = prefill_kv(model, ids[:full])  # [L, 2, T, H, D]
-        for s in range(0, full, CHUNK):
-            for lv, spec in LEVELS.items():
-                counts[lv] = count_symbols(kv[:, :, s : s + CHUNK], spec, counts[lv])
-            n += 1
-            if n >= max_chunks:
-                break
-        if n >= max_chunks:
-            break
-    if n == 0:
-        raise SystemExit("no text is 256 tokens long: nothing to profile")
-    return profile_codebook(model_fingerprint(model), counts, layout.num_layers, layout.num_kv_heads * layout.head_dim)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m codec.profile", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, required=True, help="directory to write <fingerprint>.kvcb into")
-    ap.add_argument("--model", type=Path, default=None, help="local transformers model folder (default: shipped)")
-    ap.add_argument("--texts", type=Path, default=None, help="texts to profile on (.txt lines or .jsonl)")
-    ap.add_argument("--chunks", type=int, default=48, help="256-token chunks to profile (default 48)")
-    args = ap.parse_args(argv)
-    if args.model is None:
-        from connectors.models import load_model
-
-        model, tokenizer = load_model("tiny", torch.float32)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if args.texts is not None:
-        texts = read_texts(args.texts)
-    else:
-        import random
-
-        from benchmarks.models.corpus import fact_training_text
-
-        rng = random.Random(0)
-        texts = [fact_training_text(rng, short=False) for _ in range(4 * args.chunks)]
-    cb = profile_model(model, tokenizer, texts, args.chunks)
-    path = cb.save(args.out)
-    print(f"codebook for {cb.model}: {path} ({path.stat().st_size} bytes, levels {sorted(cb.freqs)})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def profile_kv(fingerprint: str, chunks: Iterable[torch.Tensor]) -> Codebook:
+    """Sample chunks' KV, each [L, 2, T, H, D] on the CPU -> the codebook of the model `fingerprint`
+    names, with tables for every level. `CodecError` when there is no chunk."""
+    counts: dict[int, np.ndarray | None] = {lv: None for lv in LEVELS}
+    shape = None
+    for kv in chunks:
+        for lv, spec in LEVELS.items():
+            counts[lv] = count_symbols(kv, spec, counts[lv])
+        shape = tuple(kv.shape)
+    if shape is None:
+        raise CodecError("no sample chunk: nothing to profile")
+    return profile_codebook(fingerprint, counts, shape[0], shape[3] * shape[4])

@@ -102,15 +102,6 @@ class Int8Codec(Codec):
     name = "int8"
     lossless = False
 
-    def params(self) -> bytes:
-        return b""
-
-    @classmethod
-    def from_params(cls, params: bytes) -> "Int8Codec":
-        if params:
-            raise CodecError("int8 codec takes no parameters")
-        return cls()
-
     def encode(self, kv: torch.Tensor) -> bytes:
         q, scale = int8_quantize(kv)
         return scale.numpy().tobytes() + q.numpy().tobytes()
@@ -130,15 +121,6 @@ class Int8Codec(Codec):
 class _KiviCodec(Codec):
     lossless = False
     bits: int
-
-    def params(self) -> bytes:
-        return b""
-
-    @classmethod
-    def from_params(cls, params: bytes) -> "_KiviCodec":
-        if params:
-            raise CodecError(f"{cls.name} codec takes no parameters")
-        return cls()
 
     def encode(self, kv: torch.Tensor) -> bytes:
         q, lo, step = kivi_quantize(kv, self.bits)

@@ -120,25 +120,6 @@ def _load(x16, x32, lut16, i):  # pragma: no cover - numba
     return x32[i]
 
 
-@njit(inline="always")
-def _enc_put(x, f, cum, inv, scratch, s, p):  # pragma: no cover - numba
-    """One rANS encoder step (state x < 2**32, frequency f, cumulative cum); returns (x, p)."""
-    if x >= (f << (32 - PREC)):
-        p -= 1
-        scratch[s, p] = x & 0xFFFF
-        x >>= 16
-    # x // f without a 64-bit division: a float reciprocal, then an exact fix-up (x < 2**32)
-    q = np.int64(np.float64(x) * inv[f])
-    r = x - q * f
-    if r < 0:
-        q -= 1
-        r += f
-    elif r >= f:
-        q += 1
-        r -= f
-    return (q << PREC) + r + cum, p
-
-
 @njit(parallel=True, cache=True, nogil=True)
 def encode_streams(x16, x32, lut16, n_tok, n_chan, group, step, m, packed, inv, scratch, starts):  # pragma: no cover
     """Quantize and encode in one pass: the input [LK * T * C] (see `_load`) -> per stream, words at
@@ -289,6 +270,13 @@ _NO32 = np.empty(0, dtype=np.float32)
 _scratch = threading.local()  # per-thread encoder scratch, reused across calls of the same shape
 
 
+def kernel_input(x: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x and its kind -> the (x16, x32, lut16) triple the kernels read elements through (see `_load`)."""
+    if kind == "f32":
+        return _NO16, x, _F16_LUT
+    return x, _NO32, (_F16_LUT if kind == "f16" else _BF16_LUT)
+
+
 def _scratch_for(ns: int, cap: int) -> tuple[np.ndarray, np.ndarray]:
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf[0].shape != (ns, cap):
@@ -302,11 +290,7 @@ def encode(x: np.ndarray, kind: str, n_tok: int, n_chan: int, group: int, step: 
     kind "f16" / "bf16"), step [LK * C] float32 -> (word counts [n_streams] uint32, words uint16)."""
     ns = n_streams(x.size // (n_tok * n_chan), n_chan, group)
     scratch, starts = _scratch_for(ns, n_tok * min(group, n_chan) + 2)
-    if kind == "f32":
-        x16, x32, lut16 = _NO16, x, _F16_LUT
-    else:
-        x16, x32, lut16 = x, _NO32, (_F16_LUT if kind == "f16" else _BF16_LUT)
-    encode_streams(x16, x32, lut16, n_tok, n_chan, group, step, m, tables.packed, _INV, scratch, starts)
+    encode_streams(*kernel_input(x, kind), n_tok, n_chan, group, step, m, tables.packed, _INV, scratch, starts)
     counts = scratch.shape[1] - starts
     offsets = np.zeros(ns + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])

@@ -6,7 +6,8 @@ Primitives of `RagPipeline(model, tokenizer, store, config)`:
   prefilled alone from position 0 and stored as standalone chunks (`connectors.hf.compute_chunks` with
   `ChunkKind.STANDALONE, include_partial=True`: the same keys as `kvstore precompute`); passages already
   stored are skipped. Ids are remembered for `answer(passage_ids=...)`.
-- `prefill(question, passages | passage_ids, ratio=, full_prefill=)`: the prompt's KV and the last logits.
+- `prefill(question, passages | passage_ids, ratio=, full_prefill=)` -> `connectors.hf.Prefill`: the
+  prompt's cache and the last logits.
   The prompt is `passage_1 SEP passage_2 SEP ... passage_n SEP question` (SEP = `config.separator`);
   passages are looked up in the store (a chunk that is missing is computed, not an error), the
   separators and the question are always computed.
@@ -27,7 +28,7 @@ from typing import Mapping, Sequence
 import torch
 
 from blend import BlendConfig, BlendReport, LayerDriver, Part, blend, passage_refs, store_segments
-from connectors.hf import cache_to_kv, compute_chunks, decode_greedy, kv_to_cache, model_fingerprint, run_cached
+from connectors.hf import Prefill, compute_chunks, decode_greedy, kv_to_cache, model_fingerprint, run_cached
 from kvstore.keys import ChunkKind
 
 
@@ -55,15 +56,6 @@ class PrecomputeStats:
     chunks_computed: int
     passages_already_stored: int
     seconds: float
-
-
-@dataclass(slots=True)
-class Prefill:
-    ids: torch.Tensor  # [T] int64, the prompt
-    kv: torch.Tensor  # [L, 2, T, H, D]
-    logits: torch.Tensor  # [V] of the last position
-    seconds: float  # time to these logits (store fetch + blend, or the full prefill)
-    report: BlendReport | None  # None for a full prefill
 
 
 @dataclass(slots=True)
@@ -105,7 +97,7 @@ class RagPipeline:
                 raise RagError(f"passage {pid!r} has no tokens")
             self.passages[str(pid)] = text
             n += 1
-            refs = passage_refs(self.store, ids, model=self.fingerprint, namespace=self.config.namespace)
+            refs = passage_refs(self.store, ids, fingerprint=self.fingerprint, namespace=self.config.namespace)
             if all(self.store.contains([r.key for r in refs])):
                 already += 1
                 continue
@@ -151,15 +143,15 @@ class RagPipeline:
         if full_prefill:
             with torch.inference_mode():
                 out, cache = run_cached(self.model, ids[None].to(self.driver.device), logits_to_keep=1)
-            kv = cache_to_kv(cache, self.driver.num_layers)
-            return Prefill(ids, kv, out.logits[0, -1], time.perf_counter() - t, None)
+            return Prefill(ids, cache, out.logits[0, -1], time.perf_counter() - t, None)
         cfg = self.config.blend if blend_config is None else blend_config
         if not isinstance(cfg, BlendConfig):
             raise RagError(f"blend_config must be a BlendConfig, got {type(cfg).__name__}")
         cfg = cfg if ratio is None else dataclasses.replace(cfg, ratio=ratio)
-        segs = store_segments(self.store, parts, model=self.fingerprint, namespace=self.config.namespace)
+        segs = store_segments(self.store, parts, fingerprint=self.fingerprint, namespace=self.config.namespace)
         res = blend(self.model, segs, cfg, driver=self.driver)
-        return Prefill(ids, res.kv, res.logits, time.perf_counter() - t, res.report)
+        seconds = time.perf_counter() - t
+        return Prefill(ids, kv_to_cache(res.kv, self.model), res.logits, seconds, res.report)
 
     def answer(self, question: str, passages: Sequence[str] = (), *, passage_ids: Sequence[str] = (),
                ratio: float | None = None, full_prefill: bool = False,
@@ -169,8 +161,7 @@ class RagPipeline:
         n = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         if n <= 0:
             raise RagError(f"max_new_tokens must be positive, got {n}")
-        cache = kv_to_cache(pre.kv, self.model)
-        new = decode_greedy(self.model, cache, pre.logits, n, getattr(self.tokenizer, "eos_token_id", None))
+        new = decode_greedy(self.model, pre.cache, pre.logits, n, getattr(self.tokenizer, "eos_token_id", None))
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         return RagAnswer(text, new, pre.ids.numel(), pre.seconds, pre.report)
 

@@ -11,16 +11,26 @@ answered twice: with blend (15% of the reused tokens recomputed) and with a full
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from benchmarks.models.evalset import load_rag
 from blend import BlendConfig
 from connectors.rag import RagConfig, RagPipeline, TfidfRetriever
 from connectors.models import load_model
 from kvstore.store import TieredStore
 from kvstore.tiers.memory import MemoryTier
+
+
+RAG_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "models" / "heldout" / "rag.jsonl"
+
+
+def load_examples() -> list[SimpleNamespace]:
+    """The held-out RAG set (passages, question, prompt_tail, target, ...), read as data."""
+    return [SimpleNamespace(**json.loads(line)) for line in RAG_FILE.read_text().splitlines() if line.strip()]
 
 
 def main() -> None:
@@ -33,7 +43,7 @@ def main() -> None:
     torch.set_num_threads(2)
 
     model, tok = load_model("tiny", torch.float32)
-    examples = load_rag()[: max(args.corpus_examples, args.questions)]
+    examples = load_examples()[: max(args.corpus_examples, args.questions)]
     corpus = {f"p{i}": p for i, p in enumerate(dict.fromkeys(p for ex in examples for p in ex.passages))}
     store = TieredStore([MemoryTier(1 << 30)])
     pipe = RagPipeline(model, tok, store, RagConfig(namespace="example", max_new_tokens=16,

@@ -181,19 +181,20 @@ def _slot_view(caches: PagedCaches, layer: int) -> torch.Tensor | None:
     return as_bits(caches.kv_first(layer)).as_strided(shape, (kv, off, h, d))
 
 
-def _kept(slot_mapping: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(chunk token indices kept, or None for all; their slots)."""
+def _kept(caches: PagedCaches, slot_mapping: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chunk token indices kept, or None for all; their slots; the slots' blocks and offsets)."""
     keep = slot_mapping >= 0
     if bool(keep.all()):
-        return None, slot_mapping
-    rows = keep.nonzero().squeeze(1)
-    return rows, slot_mapping[rows]
+        rows, slots = None, slot_mapping
+    else:
+        rows = keep.nonzero().squeeze(1)
+        slots = slot_mapping[rows]
+    return rows, slots, slots // caches.block_size, slots % caches.block_size
 
 
 @register("gather_paged", "torch")
 def _gather_paged_torch(caches: PagedCaches, slot_mapping: torch.Tensor, out: torch.Tensor) -> None:
-    keep, slots = _kept(slot_mapping)
-    block, offset = slots // caches.block_size, slots % caches.block_size
+    keep, slots, block, offset = _kept(caches, slot_mapping)
     out = as_bits(out)
     for layer in range(caches.num_layers):
         flat = _slot_view(caches, layer)
@@ -206,8 +207,7 @@ def _gather_paged_torch(caches: PagedCaches, slot_mapping: torch.Tensor, out: to
 
 @register("scatter_paged", "torch")
 def _scatter_paged_torch(caches: PagedCaches, slot_mapping: torch.Tensor, chunk: torch.Tensor) -> None:
-    keep, slots = _kept(slot_mapping)
-    block, offset = slots // caches.block_size, slots % caches.block_size
+    keep, slots, block, offset = _kept(caches, slot_mapping)
     chunk = as_bits(chunk)
     for layer in range(caches.num_layers):
         rows = chunk[layer] if keep is None else chunk[layer][:, keep]  # [2, n, H, D]

@@ -104,17 +104,9 @@ def move_rows(
         implementation("move_rows", backend, device)(src, dst, src_index, dst_index, rotation)
 
 
-def gather_rows(
-    src: torch.Tensor,
-    index: torch.Tensor,
-    out: torch.Tensor,
-    *,
-    rope: RopeSpec | None = None,
-    old_pos: torch.Tensor | None = None,
-    new_pos: torch.Tensor | None = None,
-    backend: Backend = "auto",
-    check_indices: bool = True,
-) -> torch.Tensor:
+def gather_rows(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor, *, rope: RopeSpec | None = None,
+                old_pos: torch.Tensor | None = None, new_pos: torch.Tensor | None = None, backend: Backend = "auto",
+                check_indices: bool = True) -> torch.Tensor:
     """out[:, i] = src[:, index[i]] (skipped where index[i] == -1). src: [B, T, H, D]; index: [N] int64;
     out: [B, N, H, D]. With rope/old_pos/new_pos ([N] int64 each, per output row) the rows are
     re-rotated from old_pos[i] to new_pos[i]. Returns `out`."""
@@ -124,17 +116,9 @@ def gather_rows(
     return out
 
 
-def scatter_rows(
-    src: torch.Tensor,
-    index: torch.Tensor,
-    dst: torch.Tensor,
-    *,
-    rope: RopeSpec | None = None,
-    old_pos: torch.Tensor | None = None,
-    new_pos: torch.Tensor | None = None,
-    backend: Backend = "auto",
-    check_indices: bool = True,
-) -> None:
+def scatter_rows(src: torch.Tensor, index: torch.Tensor, dst: torch.Tensor, *, rope: RopeSpec | None = None,
+                 old_pos: torch.Tensor | None = None, new_pos: torch.Tensor | None = None, backend: Backend = "auto",
+                 check_indices: bool = True) -> None:
     """dst[:, index[i]] = src[:, i] (skipped where index[i] == -1; no destination twice). src: [B, N, H, D];
     index: [N] int64; dst: [B, T, H, D]. With rope/old_pos/new_pos ([N] int64 each, per source row)
     the rows are re-rotated from old_pos[i] to new_pos[i]."""

@@ -49,6 +49,18 @@ class _NullGuard:
         return None
 
 
+@triton.jit
+def _tile(num_rows, num_heads, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+          BLOCK_D: tl.constexpr):
+    """This program's tile of the grid (row tiles, head tiles, ...): row numbers [BT] (int32, as the index
+    loads want them) and which of them exist, head indices [BH] (int64), dims [BD], and which (head, dim)
+    pairs exist [BH, BD]."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    return rows, rows < num_rows, h, d, (h[:, None] < num_heads) & (d[None, :] < HEAD_DIM)
+
+
 # ---- paged <-> chunk -------------------------------------------------------------------------------
 
 
@@ -66,18 +78,14 @@ def _paged_kernel(
     HEAD_DIM: tl.constexpr,
     TO_CHUNK: tl.constexpr,
     LAYER_ALIGN: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,  # the tile: tokens x heads x dims
 ):
-    pid_t = tl.program_id(0)
-    pid_h = tl.program_id(1)
+    t, in_range, h, d, inner_ok = _tile(num_tokens, num_heads, HEAD_DIM, BLOCK_T, BLOCK_H, BLOCK_D)
     pid_lk = tl.program_id(2)
     layer = (pid_lk // 2).to(tl.int64)
     kv = (pid_lk % 2).to(tl.int64)
 
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
-    slot = tl.load(slot_ptr + t, mask=t < num_tokens, other=-1)  # [BT] int64
+    slot = tl.load(slot_ptr + t, mask=in_range, other=-1)  # [BT] int64
     ok = slot >= 0
     blk = slot // block_size
     off = slot - blk * block_size
@@ -85,11 +93,8 @@ def _paged_kernel(
     cache_row = layer_off + kv * c_kv + blk * c_blk + off * c_off  # [BT] int64
     chunk_row = layer * o_l + kv * o_kv + t.to(tl.int64) * o_t  # [BT] int64
 
-    h = (pid_h * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)  # [BH]
-    d = tl.arange(0, BLOCK_D)  # [BD]
     cache_in = h[:, None] * c_h + d[None, :] * c_d  # [BH, BD]
     chunk_in = h[:, None] * o_h + d[None, :] * o_d
-    inner_ok = (h[:, None] < num_heads) & (d[None, :] < HEAD_DIM)
     mask = ok[:, None, None] & inner_ok[None, :, :]  # [BT, BH, BD]
     cache_offs = cache_row[:, None, None] + cache_in[None, :, :]
     chunk_offs = chunk_row[:, None, None] + chunk_in[None, :, :]
@@ -171,22 +176,17 @@ def _rows_kernel(
     num_heads,
     s_b, s_t, s_h, s_d,
     o_b, o_t, o_h, o_d,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,  # the tile: rows x heads x dims
     HEAD_DIM: tl.constexpr,
     SRC_INDEXED: tl.constexpr,
     DST_INDEXED: tl.constexpr,
     ROTATE: tl.constexpr,
     HALF: tl.constexpr,  # rotary_dim // 2
     IN_PLACE: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_D: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_h = tl.program_id(1)
+    i, ok, h, d, inner_ok = _tile(num_rows, num_heads, HEAD_DIM, BLOCK_T, BLOCK_H, BLOCK_D)  # i: [BT] row numbers
     b = tl.program_id(2).to(tl.int64)
 
-    i = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT] row numbers
-    ok = i < num_rows
     if SRC_INDEXED:
         st = tl.load(src_idx_ptr + i, mask=ok, other=-1)
     else:
@@ -199,9 +199,7 @@ def _rows_kernel(
     src_row = b * s_b + st * s_t  # [BT] int64
     dst_row = b * o_b + dt * o_t
 
-    h = (pid_h * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)  # [BH]
-    d = tl.arange(0, BLOCK_D)  # [BD]
-    mask = ok[:, None, None] & ((h[:, None] < num_heads) & (d[None, :] < HEAD_DIM))[None, :, :]
+    mask = ok[:, None, None] & inner_ok[None, :, :]
     src_head = src_row[:, None, None] + (h * s_h)[None, :, None]  # [BT, BH, 1]
     dst_offs = dst_row[:, None, None] + (h[:, None] * o_h + d[None, :] * o_d)[None, :, :]
     x = tl.load(src_ptr + src_head + (d * s_d)[None, None, :], mask=mask)

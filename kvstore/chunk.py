@@ -4,6 +4,10 @@ Canonical layout of `Chunk.kv`: `[num_layers, 2, num_tokens, num_kv_heads, head_
 dim 1, V at 1), layer-major so that layer i can be loaded while layer i-1 computes. Keys are stored
 post-RoPE; `start_pos` is the position of the chunk's first token when it was computed, so that blend
 can re-rotate them to another position.
+
+Handing KV to a caller's buffer (`out`) follows one rule in every tier: `check_out` accepts any tensor
+of the right shape and dtype (any device, any strides) and raises `InvalidChunkError`, the caller's
+error, for anything else; `deliver` copies into it (or clones when there is none).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import numpy as np
 import torch
 
 from kvstore.errors import InvalidChunkError
-from kvstore.keys import ChunkKey, ChunkRef, as_token_array
+from kvstore.keys import ChunkKey, ChunkRef
 
 KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -68,14 +72,30 @@ class Chunk:
         """The chunk for `ref` (a slice of a prompt) holding `kv` [L, 2, T, H, D]."""
         return cls(ref.key, kv, ref.tokens, ref.start)
 
-    @classmethod
-    def make(cls, key: ChunkKey, kv: torch.Tensor, tokens, start_pos: int = 0) -> "Chunk":
-        return cls(key, kv, as_token_array(tokens), int(start_pos))
-
     @property
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
 
+    def copy(self) -> "Chunk":
+        """This chunk with a private CPU copy of its KV: valid whatever happens to the original's memory."""
+        return Chunk(self.key, self.kv.detach().to("cpu", copy=True), self.tokens, self.start_pos)
+
     @property
     def layout(self) -> KVLayout:
         return KVLayout(self.kv.shape[0], self.kv.shape[3], self.kv.shape[4], self.kv.dtype)
+
+
+def check_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """`out` can receive KV of this shape [L, 2, T, H, D] and dtype; else the caller's `InvalidChunkError`."""
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise InvalidChunkError(f"output buffer {got} does not fit KV {tuple(shape)} {dtype}")
+
+
+def deliver(kv: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """kv [L, 2, T, H, D] copied into `out` (checked), or into a fresh tensor when `out` is None."""
+    if out is None:
+        return kv.clone()
+    check_out(out, tuple(kv.shape), kv.dtype)
+    out.copy_(kv)
+    return out

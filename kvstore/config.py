@@ -22,7 +22,9 @@ File format:
     port = 8420
     tokens_file = "/etc/kvstore/tokens.toml"
 
-Nothing below the edge reads the environment; `build_store(config)` turns a config into tiers.
+Nothing below the edge reads the environment. Each tier section builds and describes its own tier
+(`build(section)`, `describe()`); `TIER_KINDS` lists the kinds of tier in the store's order, and
+`build_store(config)` builds one tier per configured section in that order.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Union
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -44,6 +46,11 @@ import platformdirs
 
 from kvstore.errors import ConfigError
 from kvstore.keys import validate_namespace
+
+if TYPE_CHECKING:
+    from codec import Codec
+    from kvstore.store import TieredStore
+    from kvstore.tiers import Tier
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2, "mib": 1 << 20,
           "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4, "tib": 1 << 40}
@@ -67,6 +74,31 @@ def default_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("kvstore"))
 
 
+class _Encoded:
+    """What the sections of byte tiers share: records encoded with `codec` at `codec_level`."""
+
+    __slots__ = ()
+    SECTION: ClassVar[str]
+
+    def make_codec(self) -> "Codec":
+        """The section's codec at its level; `ConfigError` for a level the codec does not take."""
+        from codec import CodecError, make_codec
+
+        try:
+            return make_codec(self.codec, self.codec_level)
+        except CodecError as e:
+            raise ConfigError(f"{self.SECTION}.codec {self.codec!r} at level {self.codec_level}: {e}") from None
+
+    def _check_codec(self) -> None:
+        from codec import codec_names
+
+        if self.codec not in codec_names():
+            raise ConfigError(f"{self.SECTION}.codec {self.codec!r} is not one of {', '.join(codec_names())}")
+
+    def _codec_text(self) -> str:
+        return self.codec + (f" level {self.codec_level}" if self.codec_level is not None else "")
+
+
 @dataclass(frozen=True, slots=True)
 class MemoryConfig:
     capacity: int = 2 << 30
@@ -78,9 +110,19 @@ class MemoryConfig:
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"memory.device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 
+    def build(self, section: str) -> "Tier":
+        from kvstore.tiers import MemoryTier
+
+        name = "gpu" if section == "gpu" else ("cpu" if self.device == "cpu" else "device")
+        return MemoryTier(self.capacity, self.device, name=name)
+
+    def describe(self) -> str:
+        return f"{self.device} memory {self.capacity / 2**20:.0f} MiB"
+
 
 @dataclass(frozen=True, slots=True)
-class DiskConfig:
+class DiskConfig(_Encoded):
+    SECTION: ClassVar[str] = "disk"
     path: Path = field(default_factory=default_cache_dir)
     capacity: int = 20 << 30
     codec: str = "zstd"
@@ -90,14 +132,20 @@ class DiskConfig:
     def __post_init__(self) -> None:
         if self.capacity <= 0:
             raise ConfigError("disk.capacity must be positive")
-        from codec import codec_names
+        self._check_codec()
 
-        if self.codec not in codec_names():
-            raise ConfigError(f"disk.codec {self.codec!r} is not one of {', '.join(codec_names())}")
+    def build(self, section: str = "disk") -> "Tier":
+        from kvstore.tiers import DiskTier
+
+        return DiskTier(self.path, self.capacity, self.make_codec(), fsync=self.fsync)
+
+    def describe(self) -> str:
+        return f"disk {self.path} (codec {self._codec_text()})"
 
 
 @dataclass(frozen=True, slots=True)
-class RedisConfig:
+class RedisConfig(_Encoded):
+    SECTION: ClassVar[str] = "redis"
     url: str = ""  # redis://host:port/db (a cluster: any node's URL with cluster = true)
     cluster: bool = False
     prefix: str = "kvs:"
@@ -112,14 +160,21 @@ class RedisConfig:
             raise ConfigError(f"redis.url must be a redis:// (or rediss://, unix://) URL, got {self.url!r}")
         if self.timeout <= 0 or self.retry_after < 0 or self.ttl_seconds < 0:
             raise ConfigError("redis.timeout must be > 0, redis.retry_after and redis.ttl_seconds >= 0")
-        from codec import codec_names
+        self._check_codec()
 
-        if self.codec not in codec_names():
-            raise ConfigError(f"redis.codec {self.codec!r} is not one of {', '.join(codec_names())}")
+    def build(self, section: str = "redis") -> "Tier":
+        from kvstore.tiers import RedisTier
+
+        return RedisTier(self.url, self.make_codec(), cluster=self.cluster, prefix=self.prefix,
+                         ttl_seconds=self.ttl_seconds or None, timeout=self.timeout, retry_after=self.retry_after)
+
+    def describe(self) -> str:
+        return f"redis{' cluster' if self.cluster else ''} {self.url} (codec {self._codec_text()})"
 
 
 @dataclass(frozen=True, slots=True)
-class SidecarConfig:
+class SidecarConfig(_Encoded):
+    SECTION: ClassVar[str] = "sidecar"
     url: str = ""  # http(s)://host:port of a `kvstore serve`
     token: str = field(default="", repr=False)  # bearer token; KVSTORE_SIDECAR_TOKEN keeps it out of files
     codec: str = "zstd"  # how puts travel; the sidecar stores them with its own disk codec
@@ -133,10 +188,41 @@ class SidecarConfig:
             raise ConfigError(f"sidecar.url must be an http:// or https:// URL, got {self.url!r}")
         if self.timeout <= 0 or self.retry_after < 0 or self.max_batch_keys <= 0:
             raise ConfigError("sidecar.timeout and sidecar.max_batch_keys must be > 0, sidecar.retry_after >= 0")
-        from codec import codec_names
+        self._check_codec()
 
-        if self.codec not in codec_names():
-            raise ConfigError(f"sidecar.codec {self.codec!r} is not one of {', '.join(codec_names())}")
+    def build(self, section: str = "sidecar") -> "Tier":
+        from kvstore.tiers import SidecarTier
+
+        return SidecarTier(self.url, self.token, self.make_codec(), timeout=self.timeout,
+                           retry_after=self.retry_after, max_batch_keys=self.max_batch_keys)
+
+    def describe(self) -> str:
+        return f"sidecar {self.url} (codec {self._codec_text()})"
+
+
+TierSection = Union[MemoryConfig, DiskConfig, RedisConfig, SidecarConfig]
+
+
+@dataclass(frozen=True, slots=True)
+class TierKind:
+    """One kind of tier the configuration knows: its section, the dataclass that builds and describes
+    it, the settings a section must give (with an example), and whether a precompute job may write to it."""
+
+    section: str
+    config: type
+    defaults: tuple[tuple[str, str], ...] = ()
+    required: tuple[str, str] | None = None  # (setting, example value)
+    persistent: bool = False
+
+
+# In the store's order, fastest first: the one list of tier kinds (build_store, precompute targets).
+TIER_KINDS: dict[str, TierKind] = {k.section: k for k in (
+    TierKind("gpu", MemoryConfig, defaults=(("device", "cuda"),)),
+    TierKind("memory", MemoryConfig),
+    TierKind("disk", DiskConfig, persistent=True),
+    TierKind("redis", RedisConfig, required=("url", "redis://127.0.0.1:6379/0"), persistent=True),
+    TierKind("sidecar", SidecarConfig, required=("url", "http://127.0.0.1:8420"), persistent=True),
+)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,9 +264,12 @@ class StoreConfig:
         if self.memory is None and self.gpu is None and self.disk is None:
             raise ConfigError("at least one tier must be configured")
 
+    def tier_sections(self) -> list[tuple[str, TierSection]]:
+        """(section, its config) of every configured tier, in the store's order."""
+        return [(name, getattr(self, name)) for name in TIER_KINDS if getattr(self, name) is not None]
 
-_SECTIONS = {"memory": MemoryConfig, "gpu": MemoryConfig, "disk": DiskConfig, "redis": RedisConfig,
-             "sidecar": SidecarConfig, "server": ServerConfig}
+
+_SECTIONS = {**{name: kind.config for name, kind in TIER_KINDS.items()}, "server": ServerConfig}
 _SIZE_FIELDS = {"capacity", "max_pending_bytes", "max_body_bytes"}
 _PATH_FIELDS = {"path", "tokens_file"}
 
@@ -285,16 +374,15 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
     for s, values in sections.items():
         if values is None and s == "server":
             raise ConfigError("[server] cannot be disabled (it only applies to `kvstore serve`)")
+        kind = TIER_KINDS.get(s)
         if values is None:
             top[s] = None
-        elif s == "redis" and "url" not in values:
-            raise ConfigError("[redis] needs a url (e.g. redis://127.0.0.1:6379/0)")
-        elif s == "sidecar" and "url" not in values:
-            raise ConfigError("[sidecar] needs a url (e.g. http://127.0.0.1:8420)")
-        elif s == "gpu" and "device" not in values:
-            top[s] = _build(MemoryConfig, {"device": "cuda", **values}, f"[{s}]")
-        else:
+        elif kind is None:
             top[s] = _build(_SECTIONS[s], values, f"[{s}]")
+        else:
+            if kind.required is not None and kind.required[0] not in values:
+                raise ConfigError(f"[{s}] needs a {kind.required[0]} (e.g. {kind.required[1]})")
+            top[s] = _build(kind.config, {**dict(kind.defaults), **values}, f"[{s}]")
     known = {f.name for f in dataclasses.fields(StoreConfig)}
     unknown = set(top) - known
     if unknown:
@@ -303,30 +391,12 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
     return StoreConfig(**kwargs)
 
 
-def build_store(config: StoreConfig):
-    """The `TieredStore` a config describes: GPU tier, then CPU memory, disk, Redis, sidecar, where configured."""
-    from codec import make_codec
+def build_store(config: StoreConfig) -> "TieredStore":
+    """The `TieredStore` a config describes: one tier per configured section, in `TIER_KINDS` order."""
     from kvstore.store import TieredStore
-    from kvstore.tiers import DiskTier, HttpTier, MemoryTier, RedisTier
 
-    tiers = []
-    if config.gpu is not None:
-        tiers.append(MemoryTier(config.gpu.capacity, config.gpu.device, name="gpu"))
-    if config.memory is not None:
-        tiers.append(MemoryTier(config.memory.capacity, config.memory.device, name="cpu" if config.memory.device == "cpu" else "device"))
-    if config.disk is not None:
-        d = config.disk
-        tiers.append(DiskTier(d.path, d.capacity, make_codec(d.codec, d.codec_level), fsync=d.fsync))
-    if config.redis is not None:
-        r = config.redis
-        tiers.append(RedisTier(r.url, make_codec(r.codec, r.codec_level), cluster=r.cluster, prefix=r.prefix,
-                               ttl_seconds=r.ttl_seconds or None, timeout=r.timeout, retry_after=r.retry_after))
-    if config.sidecar is not None:
-        c = config.sidecar
-        tiers.append(HttpTier(c.url, c.token, make_codec(c.codec, c.codec_level), timeout=c.timeout,
-                              retry_after=c.retry_after, max_batch_keys=c.max_batch_keys))
     return TieredStore(
-        tiers,
+        [section.build(name) for name, section in config.tier_sections()],
         chunk_tokens=config.chunk_tokens,
         write_through=config.write_through,
         promote_on_hit=config.promote_on_hit,

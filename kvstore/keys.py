@@ -2,7 +2,8 @@
 
 Primitives:
 - `ChunkHash`: 16 raw bytes, a 128-bit XXH3 digest chained over chunks.
-- `ChunkKey(namespace, model, chunk_hash)`: what every tier is indexed by.
+- `ChunkKey(namespace, fingerprint, chunk_hash)`: what every tier is indexed by; `fingerprint` names the
+  model (architecture, dtype, weights) whose KV it is.
 - `chunk_refs(tokens, ...)`: a token sequence -> the `ChunkRef` (key, token ids, start) of each chunk.
 
 Invariants:
@@ -37,7 +38,7 @@ STANDALONE_ROOT = ChunkHash(b"\xff" * HASH_BYTES)
 
 # Namespaces become directory names and key prefixes: keep them to a safe, short alphabet.
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
-_MAX_MODEL_BYTES = 255
+_MAX_FINGERPRINT_BYTES = 255
 
 
 class ChunkKind(enum.Enum):
@@ -57,17 +58,17 @@ def validate_namespace(namespace: str) -> str:
     return namespace
 
 
-def validate_model(model: str) -> ModelFingerprint:
-    if not isinstance(model, str) or not model or not model.isprintable():
-        raise InvalidKeyError(f"model fingerprint must be a non-empty printable string, got {model!r}")
-    if len(model.encode()) > _MAX_MODEL_BYTES:
-        raise InvalidKeyError(f"model fingerprint longer than {_MAX_MODEL_BYTES} bytes")
-    return ModelFingerprint(model)
+def validate_fingerprint(fingerprint: str) -> ModelFingerprint:
+    if not isinstance(fingerprint, str) or not fingerprint or not fingerprint.isprintable():
+        raise InvalidKeyError(f"model fingerprint must be a non-empty printable string, got {fingerprint!r}")
+    if len(fingerprint.encode()) > _MAX_FINGERPRINT_BYTES:
+        raise InvalidKeyError(f"model fingerprint longer than {_MAX_FINGERPRINT_BYTES} bytes")
+    return ModelFingerprint(fingerprint)
 
 
 class _KeyFields(NamedTuple):
     namespace: str
-    model: ModelFingerprint
+    fingerprint: ModelFingerprint
     chunk_hash: ChunkHash
 
 
@@ -80,24 +81,24 @@ class ChunkKey(_KeyFields):
 
     __slots__ = ()
 
-    def __new__(cls, namespace: str, model: str, chunk_hash: bytes) -> "ChunkKey":
+    def __new__(cls, namespace: str, fingerprint: str, chunk_hash: bytes) -> "ChunkKey":
         validate_namespace(namespace)
-        validate_model(model)
+        validate_fingerprint(fingerprint)
         if not isinstance(chunk_hash, bytes) or len(chunk_hash) != HASH_BYTES:
             raise InvalidKeyError(f"chunk hash must be {HASH_BYTES} bytes")
-        return tuple.__new__(cls, (namespace, model, chunk_hash))
+        return tuple.__new__(cls, (namespace, fingerprint, chunk_hash))
 
     @classmethod
-    def _trusted(cls, namespace: str, model: str, chunk_hash: bytes) -> "ChunkKey":
+    def _trusted(cls, namespace: str, fingerprint: str, chunk_hash: bytes) -> "ChunkKey":
         # For parts validated once by the caller (chunk_refs over a whole sequence).
-        return tuple.__new__(cls, (namespace, model, chunk_hash))
+        return tuple.__new__(cls, (namespace, fingerprint, chunk_hash))
 
     def digest(self) -> bytes:
         """16 bytes naming this key in flat key spaces (file names, Redis keys)."""
         h = xxhash.xxh3_128()
-        ns, model = self.namespace.encode(), self.model.encode()
+        ns, fp = self.namespace.encode(), self.fingerprint.encode()
         h.update(len(ns).to_bytes(1, "little") + ns)
-        h.update(len(model).to_bytes(1, "little") + model)
+        h.update(len(fp).to_bytes(1, "little") + fp)
         h.update(self.chunk_hash)
         return h.digest()
 
@@ -105,7 +106,7 @@ class ChunkKey(_KeyFields):
         return self.digest().hex()
 
     def __repr__(self) -> str:
-        return f"ChunkKey({self.namespace!r}, {self.model!r}, {self.chunk_hash.hex()})"
+        return f"ChunkKey({self.namespace!r}, {self.fingerprint!r}, {self.chunk_hash.hex()})"
 
 
 class ChunkRef(NamedTuple):
@@ -154,7 +155,7 @@ def chunk_refs(
     tokens: Sequence[int] | np.ndarray,
     *,
     namespace: str,
-    model: str,
+    fingerprint: str,
     chunk_tokens: int = 256,
     kind: ChunkKind = ChunkKind.PREFIX,
     salt: bytes = b"",
@@ -169,7 +170,7 @@ def chunk_refs(
     if chunk_tokens <= 0:
         raise InvalidTokensError(f"chunk_tokens must be positive, got {chunk_tokens}")
     validate_namespace(namespace)
-    model = validate_model(model)
+    fingerprint = validate_fingerprint(fingerprint)
     # A read-only view: as_token_array returns the caller's own array when it is already uint32, and
     # freezing that would change the caller's object.
     arr = as_token_array(tokens).view()
@@ -187,5 +188,5 @@ def chunk_refs(
         start = i * chunk_tokens
         end = min(start + chunk_tokens, len(arr))
         parent = digest(domain + parent + raw[start * TOKEN_BYTES : end * TOKEN_BYTES])
-        refs.append(ChunkRef(new_key(namespace, model, parent), arr[start:end], start))
+        refs.append(ChunkRef(new_key(namespace, fingerprint, parent), arr[start:end], start))
     return refs

@@ -2,7 +2,7 @@
 
 Layout (little-endian):
     prelude   magic b"KVSR" | version u16 | flags u16 | header_len u32          (12 bytes)
-    header    namespace (u8 len + utf-8) | model (u8 len + utf-8) | chunk hash (16)
+    header    namespace (u8 len + utf-8) | model fingerprint (u8 len + utf-8) | chunk hash (16)
               | codec name (u8 len + ascii) | codec params (u32 len + bytes)
               | dtype code u8 | ndim u8 | dims u32 x ndim | start_pos u64
               | token_count u32 | token ids u32 x token_count
@@ -13,19 +13,26 @@ Why it is safe to decode bytes from an untrusted peer: every length is checked a
 are actually there and against fixed bounds before anything is allocated; the header carries its own
 checksum, checked before any field is trusted; the decoded tensor's size is bounded by `max_kv_bytes`;
 and the payload checksum is checked before the codec sees the payload. Any failure is one `RecordError`.
+
+This module is the one serializer of the byte tiers: `encode_record` (chunk -> header, payload),
+`decode_record` (bytes -> chunk, into the caller's buffer where given), `read_record` (the same from a
+file), `verify_record` (all checks but the codec's, for records moved as bytes). A caller's buffer of
+the wrong shape or dtype is the caller's `InvalidChunkError`, never mistaken for a bad record.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 import torch
 import xxhash
 
-from codec import Codec, CodecError, codec_from_params
-from kvstore.chunk import Chunk
+from codec import Codec, CodecError, codec_class, codec_from_params
+from kvstore.chunk import Chunk, check_out
 from kvstore.errors import InvalidKeyError, RecordError
 from kvstore.keys import HASH_BYTES, TOKEN_DTYPE, ChunkKey
 
@@ -74,13 +81,13 @@ def payload_checksum(payload) -> int:
 def encode_header(chunk: Chunk, codec: Codec, payload_len: int, checksum: int) -> bytes:
     """The prelude and header of a record for `chunk` whose payload (already encoded) has this length."""
     key = chunk.key
-    ns, model, cname, params = key.namespace.encode(), key.model.encode(), codec.name.encode(), codec.params()
+    ns, fp, cname, params = key.namespace.encode(), key.fingerprint.encode(), codec.name.encode(), codec.params()
     shape = tuple(chunk.kv.shape)
     tokens = np.ascontiguousarray(chunk.tokens, dtype=TOKEN_DTYPE)
     body = b"".join(
         [
             struct.pack("<B", len(ns)), ns,
-            struct.pack("<B", len(model)), model,
+            struct.pack("<B", len(fp)), fp,
             key.chunk_hash,
             struct.pack("<B", len(cname)), cname,
             struct.pack("<I", len(params)), params,
@@ -101,7 +108,7 @@ def encode_record(chunk: Chunk, codec: Codec) -> tuple[bytes, memoryview]:
     kv = chunk.kv.detach()
     if kv.device.type != "cpu":
         kv = kv.cpu()
-    codec = codec.bind(chunk.key.model)  # e.g. cachegen picks the model's codebook; its params name it
+    codec = codec.bind(chunk.key.fingerprint)  # e.g. cachegen picks the model's codebook; its params name it
     payload = memoryview(codec.encode(kv)).cast("B")
     return encode_header(chunk, codec, len(payload), payload_checksum(payload)), payload
 
@@ -154,9 +161,9 @@ def parse_header(buf: bytes | memoryview, max_kv_bytes: int = DEFAULT_MAX_KV_BYT
         (n,) = r.unpack("<B")
         namespace = bytes(r.take(n)).decode()
         (n,) = r.unpack("<B")
-        model = bytes(r.take(n)).decode()
+        fingerprint = bytes(r.take(n)).decode()
         chunk_hash = bytes(r.take(HASH_BYTES))
-        key = ChunkKey(namespace, model, chunk_hash)
+        key = ChunkKey(namespace, fingerprint, chunk_hash)
         (n,) = r.unpack("<B")
         codec = bytes(r.take(n)).decode("ascii")
         (n,) = r.unpack("<I")
@@ -189,27 +196,106 @@ def parse_header(buf: bytes | memoryview, max_kv_bytes: int = DEFAULT_MAX_KV_BYT
     return header
 
 
-def decode_payload(header: RecordHeader, payload: memoryview, out: torch.Tensor | None = None, *, verified: bool = False) -> Chunk:
+def decode_payload(header: RecordHeader, payload: memoryview, out: torch.Tensor | None = None) -> Chunk:
     """Check the payload against the header and decode it into `out` (allocated when None)."""
-    if len(payload) != header.payload_len:
-        raise RecordError(f"record payload has {len(payload)} bytes, header says {header.payload_len}")
-    if not verified and payload_checksum(payload) != header.payload_checksum:
-        raise RecordError("record payload checksum mismatch (corrupted)")
-    if out is None:
-        out = torch.empty(header.shape, dtype=header.dtype)
-    elif tuple(out.shape) != header.shape or out.dtype != header.dtype or not out.is_contiguous():
-        raise RecordError(f"output buffer {tuple(out.shape)} {out.dtype} does not fit record {header.shape} {header.dtype}")
+    _check_payload(header, payload)
+    direct = out if out is not None and out.device.type == "cpu" and out.is_contiguous() else None
+    target = direct if direct is not None else torch.empty(header.shape, dtype=header.dtype)  # [L, 2, T, H, D]
     try:
-        codec_from_params(header.codec, header.codec_params).decode(payload, out)
+        codec_from_params(header.codec, header.codec_params).decode(payload, target)
     except CodecError as e:
         raise RecordError(f"record payload does not decode with codec {header.codec!r}: {e}") from None
-    return Chunk(header.key, out, header.tokens, header.start_pos)
+    if out is not None and direct is None:
+        out.copy_(target)  # a GPU or strided buffer: decoded on the CPU, then copied
+        target = out
+    return Chunk(header.key, target, header.tokens, header.start_pos)
 
 
-def decode_record(data: bytes | memoryview, out: torch.Tensor | None = None, max_kv_bytes: int = DEFAULT_MAX_KV_BYTES) -> Chunk:
-    """A whole record's bytes -> the chunk. Raises `RecordError` on anything malformed."""
+def decode_record(data: bytes | memoryview, out: torch.Tensor | None = None, *, key: ChunkKey | None = None,
+                  max_kv_bytes: int = DEFAULT_MAX_KV_BYTES) -> Chunk:
+    """A whole record's bytes -> the chunk, decoded into `out` where given.
+
+    `RecordError` for bytes that are not a valid record (or hold another key than `key`, where given);
+    `InvalidChunkError` for an `out` of the wrong shape or dtype: the caller's error, not the record's.
+    """
     view = memoryview(data).cast("B")
-    header = parse_header(view, max_kv_bytes)
+    header = _checked_header(view, key, out, max_kv_bytes)
     if len(view) != header.record_len:
         raise RecordError(f"record has {len(view)} bytes, header says {header.record_len}")
     return decode_payload(header, view[header.header_len :], out)
+
+
+def read_record(f: BinaryIO, out: torch.Tensor | None = None, *, key: ChunkKey | None = None,
+                max_kv_bytes: int = DEFAULT_MAX_KV_BYTES) -> Chunk:
+    """`decode_record` from a file opened for reading at the record's start, which the record must fill.
+
+    The payload of a codec that stores the tensor's own bytes (`Codec.payload_is_raw`) is read straight
+    into the output's memory: no copy in between."""
+    prelude = _read_exact(f, PRELUDE.size)
+    header = _checked_header(prelude + _read_exact(f, header_length(prelude) - PRELUDE.size), key, out, max_kv_bytes)
+    # Before allocating payload_len bytes (up to 2 * max_kv_bytes) for a file that cannot hold them.
+    if os.fstat(f.fileno()).st_size != header.record_len:
+        raise RecordError(f"record file is not the {header.record_len} bytes its header says (truncated?)")
+    target = _raw_target(header, out)
+    if target is None:
+        payload = bytearray(header.payload_len)
+        _read_into(f, memoryview(payload))
+        return decode_payload(header, memoryview(payload), out)
+    view = memoryview(target.reshape(-1).view(torch.uint8).numpy())
+    _read_into(f, view)
+    _check_payload(header, view)
+    return Chunk(header.key, target, header.tokens, header.start_pos)
+
+
+def verify_record(data: bytes | memoryview, *, key: ChunkKey | None = None,
+                  max_kv_bytes: int = DEFAULT_MAX_KV_BYTES) -> RecordHeader:
+    """Every check of `decode_record` but the codec's own (header, key, length, payload checksum), without
+    decoding: what a record that moves between byte tiers as bytes goes through."""
+    view = memoryview(data).cast("B")
+    header = _checked_header(view, key, None, max_kv_bytes)
+    if len(view) != header.record_len:
+        raise RecordError(f"record has {len(view)} bytes, header says {header.record_len}")
+    _check_payload(header, view[header.header_len :])
+    return header
+
+
+def _checked_header(buf, key: ChunkKey | None, out: torch.Tensor | None, max_kv_bytes: int) -> RecordHeader:
+    header = parse_header(buf, max_kv_bytes)
+    if key is not None and header.key != key:
+        raise RecordError(f"record holds {header.key}, not {key} (foreign or misplaced)")
+    if out is not None:
+        check_out(out, header.shape, header.dtype)
+    return header
+
+
+def _check_payload(header: RecordHeader, payload: memoryview) -> None:
+    if len(payload) != header.payload_len:
+        raise RecordError(f"record payload has {len(payload)} bytes, header says {header.payload_len}")
+    if payload_checksum(payload) != header.payload_checksum:
+        raise RecordError("record payload checksum mismatch (corrupted)")
+
+
+def _raw_target(header: RecordHeader, out: torch.Tensor | None) -> torch.Tensor | None:
+    """The tensor a payload of the tensor's own bytes can be read into (`out`, or a fresh one); None when
+    the codec transforms its payload, or `out` is not contiguous CPU memory."""
+    try:
+        raw = codec_class(header.codec).payload_is_raw
+    except CodecError as e:
+        raise RecordError(str(e)) from None
+    if not raw or (out is not None and (out.device.type != "cpu" or not out.is_contiguous())):
+        return None
+    if header.payload_len != header.kv_nbytes:
+        raise RecordError(f"raw payload of {header.payload_len} bytes does not fit {header.shape} {header.dtype}")
+    return out if out is not None else torch.empty(header.shape, dtype=header.dtype)
+
+
+def _read_exact(f: BinaryIO, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise RecordError("record file is truncated")
+    return data
+
+
+def _read_into(f: BinaryIO, view: memoryview) -> None:
+    if f.readinto(view) != len(view):
+        raise RecordError("record file is truncated")

@@ -1,14 +1,16 @@
 """The tiered store: one API over an ordered list of tiers, fastest first.
 
 Primitives:
-- `lookup(tokens, model=..)`: how many leading tokens are stored (consecutive chunk hits from the
+- `lookup(tokens, fingerprint=..)`: how many leading tokens are stored (consecutive chunk hits from the
   start, in any tier; token ids checked where a tier keeps them in memory).
 - `get(refs)`: chunks from the fastest tier holding each, token ids verified against the refs; hits in
   a slower tier are promoted (copied) into the faster ones.
 - `put(chunks)`: synchronous into the first tier; asynchronous into the slower ones (write-through)
-  with bounded pending bytes; `flush()` waits for them.
-- Eviction from the first tier demotes (writes back) the victim to the next tier when that tier does not
-  already hold it.
+  through one `BoundedWriter` per slower tier (bounded pending bytes); `flush()` waits for them. The
+  writers read the first tier's own copies, held through the tier protocol's two phases
+  (`prepare_store` / `complete_store`), whatever kind of tier comes first.
+- Eviction from the first tier (which the store watches: `watch_evictions`) demotes (writes back) the
+  victim to the next tier when that tier does not already hold it.
 - Pins protect entries in flight; counters per tier and for the store.
 
 Degrade, don't fail: a tier that raises on a get is a miss for that call, a failed async write is
@@ -19,32 +21,33 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from kvstore.chunk import Chunk
+from kvstore.chunk import Chunk, deliver
+from kvstore.errors import InvalidChunkError
 from kvstore.keys import ChunkKey, ChunkKind, ChunkRef, chunk_refs
 from kvstore.tiers.base import Counters, Tier
-from kvstore.tiers.memory import MemoryTier
+from kvstore.writer import BoundedWriter
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
 class StoreCounters(Counters):
-    lookups: int = 0
-    lookup_tokens: int = 0
-    lookup_hit_tokens: int = 0
-    token_mismatches: int = 0
-    tier_failures: int = 0
-    promotions: int = 0
-    demotions: int = 0
-    async_writes: int = 0
-    async_failures: int = 0
+    lookups: int = 0  # `lookup` calls
+    lookup_tokens: int = 0  # tokens they asked about
+    lookup_hit_tokens: int = 0  # leading tokens found stored
+    token_mismatches: int = 0  # hits whose stored token ids differ from the ref's: served as misses
+    tier_failures: int = 0  # tier calls that raised (counted as misses)
+    promotions: int = 0  # chunks copied into faster tiers on a hit
+    demotions: int = 0  # chunks evicted from the first tier and written back to the next
+    async_writes: int = 0  # chunks the slower tiers' writers stored
+    async_failures: int = 0  # chunks whose write to a slower tier failed
     dropped_writes: int = 0  # chunks a remote tier skipped because it was behind
 
 
@@ -66,25 +69,24 @@ class TieredStore:
         self.promote_on_hit = promote_on_hit
         self.max_pending_bytes = max_pending_bytes
         self.counters = StoreCounters()
-        self._writers = [ThreadPoolExecutor(1, thread_name_prefix=f"kvstore-{t.name}") for t in self.tiers[1:]]
-        self._tier_pending = [0] * (len(self.tiers) - 1)  # bytes queued per slower tier
-        self._pending_jobs = 0
-        self._cond = threading.Condition()
+        # One writer per slower tier, one job at a time each, in order.
+        self._writers = [BoundedWriter(f"kvstore-{t.name}", max_pending_bytes=max_pending_bytes) for t in self.tiers[1:]]
         # Chunks evicted from the first tier whose write-back has not landed yet: still served from here,
         # so that a demotion never opens a window in which a stored chunk is in no tier.
         self._demoting: dict[ChunkKey, Chunk] = {}
+        self._demoting_lock = threading.Lock()
         self._closed = False
         if len(self.tiers) > 1:
-            self.tiers[0].on_evict = self._demote
+            self.tiers[0].watch_evictions(self._demote)
 
     # -- keys and lookup -----------------------------------------------------------------------------
 
-    def chunk_refs(self, tokens, *, model: str, namespace: str = "default", kind: ChunkKind = ChunkKind.PREFIX, include_partial: bool = False) -> list[ChunkRef]:
-        return chunk_refs(tokens, namespace=namespace, model=model, chunk_tokens=self.chunk_tokens, kind=kind, include_partial=include_partial)
+    def chunk_refs(self, tokens, *, fingerprint: str, namespace: str = "default", kind: ChunkKind = ChunkKind.PREFIX, include_partial: bool = False) -> list[ChunkRef]:
+        return chunk_refs(tokens, namespace=namespace, fingerprint=fingerprint, chunk_tokens=self.chunk_tokens, kind=kind, include_partial=include_partial)
 
-    def lookup(self, tokens, *, model: str, namespace: str = "default") -> int:
+    def lookup(self, tokens, *, fingerprint: str, namespace: str = "default") -> int:
         """Number of leading tokens whose chunks are all stored (a multiple of `chunk_tokens`)."""
-        refs = self.chunk_refs(tokens, model=model, namespace=namespace)
+        refs = self.chunk_refs(tokens, fingerprint=fingerprint, namespace=namespace)
         n = self.lookup_refs(refs)
         self.counters.add(lookups=1, lookup_tokens=len(tokens), lookup_hit_tokens=n * self.chunk_tokens)
         return n * self.chunk_tokens
@@ -145,12 +147,12 @@ class TieredStore:
                 break
             try:
                 got = tier.get([keys[i] for i in todo], [out[i] for i in todo] if out is not None else None)
-            except Exception as e:
-                if not _is_caller_error(e):
-                    log.warning("tier %s failed on get: %s", tier.name, e)
-                    self.counters.add(tier_failures=1)
-                    continue
+            except InvalidChunkError:  # the caller's buffer does not fit: the caller's error
                 raise
+            except Exception as e:
+                log.warning("tier %s failed on get: %s", tier.name, e)
+                self.counters.add(tier_failures=1)
+                continue
             if level == 0 and self._demoting:
                 got = [c if c is not None else self._from_demoting(keys[i], out[i] if out is not None else None)
                        for i, c in zip(todo, got)]
@@ -186,70 +188,37 @@ class TieredStore:
         queued). The caller may reuse its tensors as soon as this returns.
         """
         first = self.tiers[0]
-        accepted = first.put(chunks)
         if len(self.tiers) == 1 or not self.write_through:
-            return accepted
-        # Hand the slower tiers the first tier's copy, pinned until they are done, so that put costs
-        # one copy; chunks the first tier had no room for are copied for the writers.
-        stable = []
-        pinned_keys = []
-        if isinstance(first, MemoryTier):
-            pinned = first.pin([c.key for c in chunks])
-            for c, ok, pin in zip(chunks, accepted, pinned):
-                view = first.peek(c.key) if pin else None
-                if view is not None:
-                    stable.append(view)
-                    pinned_keys.append(c.key)
-                else:
-                    if pin:
-                        first.unpin([c.key])
-                    stable.append(_copy(c))
-        else:
-            stable = [_copy(c) for c in chunks]
-        self._submit(stable, pinned_keys)
+            return first.put(chunks)
+        # The first tier hands back stable copies (its own, pinned: one copy per put) that the slower
+        # tiers' writers read until the last of them completes the store.
+        prepared = first.prepare_store(chunks)
+        self._submit(prepared.chunks, lambda: first.complete_store(prepared))
         return [True] * len(chunks)
 
-    def _submit(self, chunks: list[Chunk], pinned_keys: list[ChunkKey]) -> None:
-        """Queue `chunks` for every slower tier. A tier that is behind by `max_pending_bytes` makes this
-        wait (local disk: back-pressure, nothing lost) or, if it sets `drop_when_behind` (remote tiers),
-        skips these chunks and counts them: a slow network must never stall the engine."""
+    def _submit(self, chunks: list[Chunk], complete: Callable[[], None]) -> None:
+        """Queue `chunks` for every slower tier; `complete()` once the last of those writes has run. A
+        tier's writer that is behind by `max_pending_bytes` makes this wait (local disk: back-pressure,
+        nothing lost) or, for a tier that sets `drop_when_behind` (remote tiers), skips these chunks and
+        counts them: a slow network must never stall the engine."""
         nbytes = sum(c.nbytes for c in chunks)
-        targets = []
-        with self._cond:
-            for j, tier in enumerate(self.tiers[1:]):
-                behind = lambda: self._tier_pending[j] and self._tier_pending[j] + nbytes > self.max_pending_bytes
-                if tier.drop_when_behind:
-                    if behind():
-                        self.counters.add(dropped_writes=len(chunks))
-                        continue
-                else:
-                    while behind():
-                        self._cond.wait()
-                self._tier_pending[j] += nbytes
-                targets.append(j)
-            if targets:
-                self._pending_jobs += 1
-        if not targets:
-            if pinned_keys:
-                self.tiers[0].unpin(pinned_keys)
-            return
-        remaining = [len(targets)]
+        remaining = [len(self._writers)]
+        lock = threading.Lock()
 
-        def done(j: int) -> None:
-            with self._cond:
-                self._tier_pending[j] -= nbytes
+        def done() -> None:
+            with lock:
                 remaining[0] -= 1
                 last = remaining[0] == 0
-                if last:
-                    self._pending_jobs -= 1
-                self._cond.notify_all()
-            if last and pinned_keys:
-                self.tiers[0].unpin(pinned_keys)
+            if last:
+                complete()
 
-        for j in targets:
-            self._writers[j].submit(self._write, self.tiers[j + 1], chunks, lambda j=j: done(j))
+        for tier, writer in zip(self.tiers[1:], self._writers):
+            job = lambda tier=tier: self._write(tier, chunks, done)  # noqa: E731
+            if not writer.submit(job, nbytes, "drop" if tier.drop_when_behind else "wait"):
+                self.counters.add(dropped_writes=len(chunks))
+                done()
 
-    def _write(self, tier: Tier, chunks: list[Chunk], done) -> None:
+    def _write(self, tier: Tier, chunks: list[Chunk], done: Callable[[], None] | None = None) -> None:
         try:
             todo = [c for c, has in zip(chunks, tier.contains([c.key for c in chunks])) if not has]
             if todo:
@@ -259,23 +228,17 @@ class TieredStore:
             log.warning("async write to tier %s failed: %s", tier.name, e)
             self.counters.add(async_failures=len(chunks))
         finally:
-            done()
+            if done is not None:
+                done()
 
     def _from_demoting(self, key: ChunkKey, out: torch.Tensor | None) -> Chunk | None:
         chunk = self._demoting.get(key)
         if chunk is None:
             return None
-        if out is None:
-            return Chunk(key, chunk.kv.clone(), chunk.tokens, chunk.start_pos)
-        if tuple(out.shape) != tuple(chunk.kv.shape) or out.dtype != chunk.kv.dtype:
-            from kvstore.errors import InvalidChunkError
-
-            raise InvalidChunkError(f"output buffer {tuple(out.shape)} {out.dtype} does not fit chunk {tuple(chunk.kv.shape)} {chunk.kv.dtype}")
-        out.copy_(chunk.kv)
-        return Chunk(key, out, chunk.tokens, chunk.start_pos)
+        return Chunk(key, deliver(chunk.kv, out), chunk.tokens, chunk.start_pos)
 
     def _demote(self, victim: Chunk) -> None:
-        """Eviction callback of the first tier: write the victim back to the next tier if it lacks it."""
+        """Eviction watcher of the first tier: write the victim back to the next tier if it lacks it."""
         nxt = self.tiers[1]
         try:
             if nxt.contains([victim.key])[0]:
@@ -283,27 +246,31 @@ class TieredStore:
         except Exception:
             return
         self.counters.add(demotions=1)
-        copy = _copy(victim)
-        nbytes = copy.nbytes
-        with self._cond:
-            self._tier_pending[0] += nbytes
-            self._pending_jobs += 1
+        copy = victim.copy()  # the victim's memory is reused as soon as this returns
+        with self._demoting_lock:
             self._demoting[copy.key] = copy
 
-        def done() -> None:
-            with self._cond:
-                if self._demoting.get(copy.key) is copy:
-                    del self._demoting[copy.key]
-                self._tier_pending[0] -= nbytes
-                self._pending_jobs -= 1
-                self._cond.notify_all()
+        def write() -> None:
+            try:
+                self._write(nxt, [copy])
+            finally:
+                with self._demoting_lock:
+                    if self._demoting.get(copy.key) is copy:
+                        del self._demoting[copy.key]
 
-        self._writers[0].submit(self._write, nxt, [copy], done)
+        # Admitted even when the writer is behind: the victim has no other copy, and waiting here would
+        # hold up the first tier (this runs under its lock).
+        self._writers[0].submit(write, copy.nbytes, "admit")
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued write to the slower tiers has finished; False on timeout."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._pending_jobs == 0, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            for w in self._writers:
+                if not w.flush(None if deadline is None else max(deadline - time.monotonic(), 0.0)):
+                    return False
+            if all(w.idle for w in self._writers):  # no write was queued meanwhile (a demotion)
+                return True
 
     # -- control -------------------------------------------------------------------------------------
 
@@ -331,7 +298,7 @@ class TieredStore:
     def stats(self) -> dict:
         return {
             "store": self.counters.snapshot(),
-            "pending_bytes": sum(self._tier_pending),
+            "pending_bytes": sum(w.pending_bytes for w in self._writers),
             "tiers": {t.name: {"usage": t.usage(), "stats": t.stats.snapshot()} for t in self.tiers},
         }
 
@@ -341,7 +308,7 @@ class TieredStore:
         self._closed = True
         self.flush()
         for w in self._writers:
-            w.shutdown(wait=True)
+            w.close()
         for t in self.tiers:
             t.close()
 
@@ -351,12 +318,3 @@ class TieredStore:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def _copy(chunk: Chunk) -> Chunk:
-    return Chunk(chunk.key, chunk.kv.detach().to("cpu", copy=True), chunk.tokens, chunk.start_pos)
-
-
-def _is_caller_error(e: Exception) -> bool:
-    from kvstore.errors import InvalidChunkError
-
-    return isinstance(e, InvalidChunkError)

@@ -1,7 +1,8 @@
-"""What the sidecar service and its client (`HttpTier`) agree on: routes, key JSON, record framing.
+"""What the sidecar service and its client (`SidecarTier`) agree on: routes, key JSON, record framing.
 
-- A key in JSON: `{"namespace": str, "model": str, "chunk_hash": "<32 hex digits>"}`.
-- A key in a path: `/v1/records/<namespace>/<model, URL-quoted>/<chunk hash hex>`.
+- A key in JSON: `{"namespace": str, "model": str, "chunk_hash": "<32 hex digits>"}` ("model" holds the key's
+  model fingerprint: the field name is part of the v1 protocol).
+- A key in a path: `/v1/records/<namespace>/<fingerprint, URL-quoted>/<chunk hash hex>`.
 - A record stream (batch get responses, batch put bodies): for each record a u64 little-endian length,
   then that many bytes of one record (`kvstore.record`); length 0 stands for a missing record.
 Parsing raises `InvalidKeyError` for anything malformed, so the service can answer 400 with its message.
@@ -15,7 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 from kvstore.errors import InvalidKeyError
-from kvstore.keys import HASH_BYTES, ChunkKey, validate_model
+from kvstore.keys import HASH_BYTES, ChunkKey, validate_fingerprint
 
 FRAME = struct.Struct("<Q")  # length prefix of each record in a stream
 _HASH_RE = re.compile(r"[0-9a-f]{%d}" % (2 * HASH_BYTES))
@@ -27,16 +28,16 @@ def parse_chunk_hash(value: Any) -> bytes:
     return bytes.fromhex(value)
 
 
-def validate_path_model(model: str) -> str:
+def validate_path_fingerprint(fingerprint: str) -> str:
     """A model fingerprint as a path segment: also no separators or dot segments (no path tricks)."""
-    validate_model(model)
-    if "/" in model or "\\" in model or model in (".", ".."):
-        raise InvalidKeyError(f"model fingerprint {model!r} cannot be used in a path (contains '/', '\\\\' or is a dot segment)")
-    return model
+    validate_fingerprint(fingerprint)
+    if "/" in fingerprint or "\\" in fingerprint or fingerprint in (".", ".."):
+        raise InvalidKeyError(f"model fingerprint {fingerprint!r} cannot be used in a path (contains '/', '\\\\' or is a dot segment)")
+    return fingerprint
 
 
 def key_to_json(key: ChunkKey) -> dict[str, str]:
-    return {"namespace": key.namespace, "model": key.model, "chunk_hash": key.chunk_hash.hex()}
+    return {"namespace": key.namespace, "model": key.fingerprint, "chunk_hash": key.chunk_hash.hex()}
 
 
 def key_from_json(obj: Any, where: str = "key") -> ChunkKey:
@@ -64,4 +65,4 @@ class TooManyKeys(InvalidKeyError):
 
 
 def record_path(key: ChunkKey) -> str:
-    return f"/v1/records/{key.namespace}/{quote(key.model, safe='')}/{key.chunk_hash.hex()}"
+    return f"/v1/records/{key.namespace}/{quote(key.fingerprint, safe='')}/{key.chunk_hash.hex()}"

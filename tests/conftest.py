@@ -49,7 +49,7 @@ def make_chunk(
     dtype=torch.float16,
     *,
     namespace: str = "test",
-    model: str = "m",
+    fingerprint: str = "m",
     tokens=None,
     start_pos: int = 0,
     kind: ChunkKind = ChunkKind.STANDALONE,
@@ -59,7 +59,7 @@ def make_chunk(
     n = shape[2]
     if tokens is None:
         tokens = (np.arange(n, dtype=np.int64) + seed * 100_003) % (2**32)
-    ref = chunk_refs(tokens, namespace=namespace, model=model, chunk_tokens=n, kind=kind)[0]
+    ref = chunk_refs(tokens, namespace=namespace, fingerprint=fingerprint, chunk_tokens=n, kind=kind)[0]
     return Chunk(ref.key, random_kv(shape, dtype, seed, special), ref.tokens, start_pos)
 
 

@@ -1,17 +1,17 @@
 """Hugging Face transformers connector: context loading from the store for a Llama-family causal LM.
 
 - `bridge`: primitives between transformers and the store's layout (layout, fingerprint, cache <-> KV,
-  prefill, chunking a context, greedy decoding).
+  prefill, chunking a context, greedy decoding) and `Prefill`, a prefilled prompt.
 - `loader`: `HFConnector`, prefix reuse for one model: lookup, load, prefill the rest, store the new chunks.
 - `sessions`: `ChatSession` (every turn reuses the previous turns) and `DocumentQA` (many questions over
   one long document).
 """
 
-from connectors.hf.bridge import (cache_to_kv, compute_chunks, decode_greedy, kv_layout, kv_to_cache,
-                                  model_fingerprint, prefill_kv, run_cached)
-from connectors.hf.loader import Generation, HFConnector, LoadReport, Prefilled
+from connectors.hf.bridge import (Prefill, cache_layers, cache_to_kv, compute_chunks, decode_greedy, kv_from_layers,
+                                  kv_layout, kv_to_cache, model_fingerprint, prefill_kv, run_cached)
+from connectors.hf.loader import Generation, HFConnector, LoadReport
 from connectors.hf.sessions import ChatSession, DocumentQA, Turn
 
-__all__ = ["ChatSession", "DocumentQA", "Generation", "HFConnector", "LoadReport", "Prefilled", "Turn",
-           "cache_to_kv", "compute_chunks", "decode_greedy", "kv_layout", "kv_to_cache", "model_fingerprint",
-           "prefill_kv", "run_cached"]
+__all__ = ["ChatSession", "DocumentQA", "Generation", "HFConnector", "LoadReport", "Prefill", "Turn",
+           "cache_layers", "cache_to_kv", "compute_chunks", "decode_greedy", "kv_from_layers", "kv_layout",
+           "kv_to_cache", "model_fingerprint", "prefill_kv", "run_cached"]

@@ -4,8 +4,11 @@
 - `model_fingerprint(model)`: architecture, dtype and a digest of every weight, so KV of another model,
   dtype or version can never match.
 - `prefill_kv(model, input_ids)`: run a prefill and return its KV as `[L, 2, T, H, D]` (post-RoPE keys).
-- `cache_to_kv(cache, num_layers)` / `kv_to_cache(kv, model)`: between a transformers cache (batch 1) and
-  the store's layout.
+- `kv_from_layers(layers, row=, start=, end=)`: a transformers cache's per-layer keys and values
+  `[B, H, T, D]` -> the store's `[L, 2, T, H, D]` (the one conversion; `cache_to_kv` is it over a whole
+  batch-1 cache); `kv_to_cache(kv, model)`: the way back, as views.
+- `Prefill`: a prefilled prompt (its cache, last logits, time and report), what the HF connector and the
+  RAG API both return.
 - `run_cached(model, input_ids, cache, **kw)`: a forward that extends a transformers cache, under whichever
   name the installed transformers gives the cache argument (`past_key_values` before 5.2x, `cache` after).
 - `compute_chunks(model, token_ids, fingerprint=.., kind=..)`: prefill a context and cut its KV into the
@@ -17,7 +20,8 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-from typing import Collection
+from dataclasses import dataclass
+from typing import Collection, Sequence
 
 import numpy as np
 import torch
@@ -68,14 +72,22 @@ def run_cached(model, input_ids: torch.Tensor, cache=None, **kwargs):
     return out, getattr(out, name)
 
 
-def cache_to_kv(cache, num_layers: int) -> torch.Tensor:
+def cache_layers(cache, num_layers: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (keys, values) tensors [B, H, T, D] of a transformers cache's first `num_layers` layers."""
+    return [(layer.keys, layer.values) for layer in cache.layers[:num_layers]]
+
+
+def kv_from_layers(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], *, row: int = 0, start: int = 0,
+                   end: int | None = None) -> torch.Tensor:
+    """Per-layer (keys, values) [B, H, T, D] -> KV [L, 2, end - start, H, D] of batch row `row` (a copy)."""
+    # [H, T', D] -> [T', H, D] per layer and K/V, stacked layer-major
+    return torch.stack([torch.stack([k[row, :, start:end].transpose(0, 1), v[row, :, start:end].transpose(0, 1)])
+                        for k, v in layers]).contiguous()
+
+
+def cache_to_kv(cache, num_layers: int | None = None) -> torch.Tensor:
     """A transformers cache (batch 1) -> `[L, 2, T, H, D]`."""
-    layers = []
-    for i in range(num_layers):
-        layer = cache.layers[i]
-        # keys/values: [B=1, H, T, D] -> [T, H, D]
-        layers.append(torch.stack([layer.keys[0].transpose(0, 1), layer.values[0].transpose(0, 1)]))
-    return torch.stack(layers).contiguous()
+    return kv_from_layers(cache_layers(cache, num_layers))
 
 
 @torch.inference_mode()
@@ -84,6 +96,22 @@ def prefill_kv(model, input_ids: torch.Tensor) -> torch.Tensor:
     # Only the KV is wanted: skip the [T, vocab] logits of every position but the last.
     _, cache = run_cached(model, input_ids.reshape(1, -1).to(model.device), logits_to_keep=1)
     return cache_to_kv(cache, model.config.num_hidden_layers)
+
+
+@dataclass(slots=True)
+class Prefill:
+    """A prefilled prompt: what `HFConnector.prefill` and `RagPipeline.prefill` return."""
+
+    ids: torch.Tensor  # [T] int64, the prompt
+    cache: DynamicCache  # the prompt's KV (batch 1); decoding from `logits` extends it
+    logits: torch.Tensor  # [V] at the prompt's last position
+    seconds: float  # time to these logits
+    report: object  # `LoadReport` (HFConnector); `BlendReport`, or None for a full prefill (RAG)
+
+    @property
+    def kv(self) -> torch.Tensor:
+        """The cache's KV as `[L, 2, T, H, D]` (a copy)."""
+        return cache_to_kv(self.cache)
 
 
 def kv_to_cache(kv: torch.Tensor, model) -> DynamicCache:
@@ -107,13 +135,12 @@ def compute_chunks(
 ) -> list[Chunk]:
     """Prefill `token_ids` (a whole prompt, or one passage for `ChunkKind.STANDALONE`) from position 0
     and return its KV cut into keyed chunks: full chunks only unless `include_partial`."""
-    refs = chunk_refs(token_ids, namespace=namespace, model=fingerprint, chunk_tokens=chunk_tokens,
+    refs = chunk_refs(token_ids, namespace=namespace, fingerprint=fingerprint, chunk_tokens=chunk_tokens,
                       kind=kind, include_partial=include_partial)
     if not refs:
         return []
-    end = refs[-1].end
-    ids = torch.from_numpy(np.concatenate([r.tokens for r in refs]).astype(np.int64))  # [end]
-    kv = prefill_kv(model, ids)  # [L, 2, end, H, D]
+    ids = torch.from_numpy(np.concatenate([r.tokens for r in refs]).astype(np.int64))  # [T], T = refs[-1].end
+    kv = prefill_kv(model, ids)  # [L, 2, T, H, D]
     return [Chunk.from_ref(r, kv[:, :, r.start:r.end].contiguous()) for r in refs]
 
 

@@ -7,7 +7,7 @@ For a prompt, `HFConnector.prefill`:
    and builds a transformers cache from them; a chunk that fails to load (corrupt record, a tier that
    raises) ends the reused prefix there: the rest is recomputed, never an error;
 3. prefills the remaining tokens against that cache;
-4. hands the prompt's new full chunks to a background writer (not on the time-to-first-token path).
+4. hands the prompt's new full chunks to a `BoundedWriter` (off the time-to-first-token path).
 `generate` decodes greedily from there and also stores the chunks the generated tokens complete, so a
 chat's next turn reuses its previous turns. Every call returns a `LoadReport`: tokens reused and from
 which tier, tokens computed, and the time of each step.
@@ -20,20 +20,19 @@ for token.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Collection
 
 import numpy as np
 import torch
 
-from connectors.hf.bridge import decode_greedy, kv_to_cache, model_fingerprint, run_cached
+from connectors.hf.bridge import Prefill, cache_layers, decode_greedy, kv_from_layers, kv_to_cache, model_fingerprint, run_cached
 from kvstore.chunk import Chunk
 from kvstore.errors import InvalidTokensError
 from kvstore.keys import ChunkRef, as_token_array
 from kvstore.store import TieredStore
+from kvstore.writer import BoundedWriter
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +51,6 @@ class LoadReport:
     ttft_s: float = 0.0
     stored_chunks: int = 0  # new chunks handed to the store's writer by this request
     fallback: str | None = None  # why stored KV that the lookup found was not all used
-
-    def tiers_text(self) -> str:
-        return ", ".join(f"{n} from {t}" for t, n in self.tokens_by_tier.items()) or "none"
-
-
-@dataclass(slots=True)
-class Prefilled:
-    cache: object  # a transformers DynamicCache holding the prompt's KV (batch 1)
-    logits: torch.Tensor  # [V] at the prompt's last position
-    report: LoadReport
 
 
 @dataclass(slots=True)
@@ -85,21 +74,21 @@ class HFConnector:
         self.fingerprint = fingerprint or model_fingerprint(model)
         self.store_new = store_new
         self.chunk_tokens = store.chunk_tokens
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvstore-hf-store")
-        self._pending: list[Future] = []
-        self._lock = threading.Lock()
+        # Cutting new chunks out of the cache and storing them runs off the time-to-first-token path, with
+        # the store's own bound on bytes in flight.
+        self._writer = BoundedWriter("kvstore-hf-store", max_pending_bytes=store.max_pending_bytes)
         self.store_failures = 0
 
     # -- prefill -------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, input_ids) -> Prefilled:
+    def prefill(self, input_ids) -> Prefill:
         """Prefill `input_ids` ([T] token ids, T >= 1), reusing the longest stored chunk-aligned prefix."""
         ids = self._token_array(input_ids)
         report = LoadReport(prompt_tokens=len(ids))
         t0 = time.perf_counter()
         # Leave at least one token to compute: the logits of the last position start the decoding.
-        refs = self.store.chunk_refs(ids[: len(ids) - 1], model=self.fingerprint, namespace=self.namespace)
+        refs = self.store.chunk_refs(ids[: len(ids) - 1], fingerprint=self.fingerprint, namespace=self.namespace)
         n_hit = self.store.lookup_refs(refs) if refs else 0
         t1 = time.perf_counter()
         report.lookup_s = t1 - t0
@@ -113,7 +102,8 @@ class HFConnector:
 
         reused = n_hit * self.chunk_tokens
         cache = kv_to_cache(kv, self.model) if kv is not None else None
-        rest = torch.from_numpy(ids[reused:].astype(np.int64)).reshape(1, -1).to(self.model.device)
+        prompt = torch.from_numpy(ids.astype(np.int64))  # [T]
+        rest = prompt[reused:].reshape(1, -1).to(self.model.device)
         out, cache = run_cached(self.model, rest, cache, logits_to_keep=1)  # only the last position's logits
         logits = out.logits[0, -1]
         t3 = time.perf_counter()
@@ -123,7 +113,7 @@ class HFConnector:
         report.computed_tokens = len(ids) - reused
 
         report.stored_chunks = self._store_async(ids, cache, first_chunk=n_hit)
-        return Prefilled(cache, logits, report)
+        return Prefill(prompt, cache, logits, report.ttft_s, report)
 
     def _load(self, refs: list[ChunkRef]) -> tuple[torch.Tensor | None, int, dict[str, int], str | None]:
         """Leading chunks of `refs` as one KV tensor [L, 2, n*C, H, D]; stops at the first failure."""
@@ -179,26 +169,21 @@ class HFConnector:
             return 0
         # The cache's layer tensors are replaced (not written) as decoding appends, so these references
         # stay valid while the writer reads them.
-        layers = [(layer.keys, layer.values) for layer in cache.layers]  # each [1, H, T, D]
+        layers = cache_layers(cache)  # each [1, H, T, D]
         if any(k.shape[2] < n_full * self.chunk_tokens for k, _ in layers):
             # A sliding-window cache keeps only its window: there is no full-context KV to store.
             log.warning("the model's cache holds fewer positions than the prompt (sliding window?); not storing")
             return 0
         ids = ids[: n_full * self.chunk_tokens].copy()
-        fut = self._writer.submit(self._store, ids, layers, first_chunk)
-        with self._lock:
-            self._pending = [f for f in self._pending if not f.done()] + [fut]
+        per_token = sum(2 * k.shape[1] * k.shape[3] * k.element_size() for k, _ in layers)
+        nbytes = (n_full - first_chunk) * self.chunk_tokens * per_token
+        self._writer.submit(lambda: self._store(ids, layers, first_chunk), nbytes)
         return n_full - first_chunk
 
     def _store(self, ids: np.ndarray, layers: list[tuple[torch.Tensor, torch.Tensor]], first_chunk: int) -> None:
         try:
-            refs = self.store.chunk_refs(ids, model=self.fingerprint, namespace=self.namespace)[first_chunk:]
-            chunks = []
-            for r in refs:
-                # [1, H, T, D] -> [T, H, D] per layer and K/V -> [L, 2, C, H, D]
-                kv = torch.stack([torch.stack([k[0, :, r.start:r.end].transpose(0, 1), v[0, :, r.start:r.end].transpose(0, 1)])
-                                  for k, v in layers]).to("cpu")
-                chunks.append(Chunk.from_ref(r, kv))
+            refs = self.store.chunk_refs(ids, fingerprint=self.fingerprint, namespace=self.namespace)[first_chunk:]
+            chunks = [Chunk.from_ref(r, kv_from_layers(layers, start=r.start, end=r.end).to("cpu")) for r in refs]
             self.store.put(chunks)
         except Exception as e:  # storing is best effort: the answer is already out
             self.store_failures += 1
@@ -207,21 +192,14 @@ class HFConnector:
     def wait_stored(self, timeout: float | None = None) -> bool:
         """Wait until this connector's queued chunks are in the store's first tier (and, through
         `store.flush`, in the slower tiers). False if `timeout` ran out."""
-        with self._lock:
-            pending = list(self._pending)
         deadline = None if timeout is None else time.monotonic() + timeout
-        for f in pending:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                f.result(left)
-            except TimeoutError:
-                return False
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        return self.store.flush(left)
+        if not self._writer.flush(timeout):
+            return False
+        return self.store.flush(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def close(self) -> None:
         self.wait_stored()
-        self._writer.shutdown(wait=True)
+        self._writer.close()
 
     def __enter__(self) -> "HFConnector":
         return self
@@ -230,10 +208,8 @@ class HFConnector:
         self.close()
 
     def _token_array(self, input_ids) -> np.ndarray:
-        if isinstance(input_ids, torch.Tensor):
-            if input_ids.dim() == 2 and input_ids.shape[0] == 1:
-                input_ids = input_ids[0]
-            input_ids = input_ids.detach().cpu().numpy()
+        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] == 1:
+            input_ids = input_ids[0]  # transformers' [1, T]
         ids = as_token_array(input_ids)
         if len(ids) == 0:
             raise InvalidTokensError("the prompt is empty")

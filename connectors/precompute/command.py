@@ -1,4 +1,5 @@
-"""`kvstore precompute`: the command-line edge of the job (options -> config, model, signals, report).
+"""`kvstore precompute`: the command-line edge of the job (options -> config, model, signals, report); its
+options are declared in `connectors.commands`.
 
 The target store comes from the usual configuration (`--config FILE`, `KVSTORE_*`, `--set`), with
 shortcuts layered on top: `--to redis://..` / `--to http(s)://..` (with `--cluster`, `--token-file`),
@@ -19,7 +20,6 @@ from pathlib import Path
 
 from kvstore.config import StoreConfig, load_config
 
-MODES = {"prefix": "PREFIX", "passages": "STANDALONE"}  # keep in step with kvstore/cli.py
 _MAX_LISTED_FAILURES = 20
 
 
@@ -59,9 +59,10 @@ def config_overrides(args) -> dict[str, str]:
 def run_precompute_command(config: StoreConfig, args, sets: dict[str, str]) -> int:
     import torch
 
+    from connectors.commands import PRECOMPUTE_MODES
     from connectors.precompute.corpus import count_entries, read_corpus
     from connectors.precompute.job import PrecomputeJob, PrecomputeOptions
-    from connectors.precompute.target import build_target, check_codec, describe_target, target_section
+    from connectors.precompute.target import build_target, describe_target, target_section
     from kvstore.keys import ChunkKind
 
     overrides = config_overrides(args)
@@ -71,13 +72,13 @@ def run_precompute_command(config: StoreConfig, args, sets: dict[str, str]) -> i
     section = section or target_section(config)
     if args.codec is not None or args.level is not None:
         name = args.codec or getattr(config, section).codec
-        check_codec(name, args.level)
-        overrides[f"{section}.codec"] = name
+        overrides[f"{section}.codec"] = name  # checked (name and level) as the config is loaded
         overrides[f"{section}.codec_level"] = "" if args.level is None else str(args.level)
         config = load_config(args.config, os.environ, {**sets, **overrides})
+    getattr(config, section).make_codec()  # a codec level it does not take fails here, before the model loads
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     options = PrecomputeOptions(
-        kind=ChunkKind[MODES[args.mode]], namespace=config.namespace, chunk_tokens=config.chunk_tokens,
+        kind=ChunkKind[PRECOMPUTE_MODES[args.mode]], namespace=config.namespace, chunk_tokens=config.chunk_tokens,
         passage_tokens=args.passage_tokens, add_special_tokens=args.add_special_tokens, max_tokens=args.max_tokens,
         batch_size=args.batch_size or (8 if device.startswith("cuda") else 1), upload_workers=args.workers,
         dry_run=args.dry_run)

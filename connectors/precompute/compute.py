@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from connectors.hf import compute_chunks, run_cached
+from connectors.hf import cache_layers, compute_chunks, kv_from_layers, run_cached
 from kvstore.chunk import Chunk
 from kvstore.keys import ChunkKey, ChunkKind, ChunkRef, chunk_refs
 
@@ -54,7 +54,7 @@ class Work:
 
 
 def split_units(doc_id: str, ids: np.ndarray, *, kind: ChunkKind, passage_tokens: int | None, namespace: str,
-                model: str, chunk_tokens: int) -> list[Unit]:
+                fingerprint: str, chunk_tokens: int) -> list[Unit]:
     """ids: [T] uint32 of one document -> its units, each keyed from position 0."""
     if kind is ChunkKind.STANDALONE and passage_tokens:
         spans = [(s, min(s + passage_tokens, len(ids))) for s in range(0, len(ids), passage_tokens)]
@@ -65,7 +65,7 @@ def split_units(doc_id: str, ids: np.ndarray, *, kind: ChunkKind, passage_tokens
     for name, (s, e) in zip(names, spans):
         tokens = ids[s:e]
         # Prefix mode stores full chunks only: the store's prefix lookup never matches a partial chunk.
-        refs = chunk_refs(tokens, namespace=namespace, model=model, chunk_tokens=chunk_tokens, kind=kind,
+        refs = chunk_refs(tokens, namespace=namespace, fingerprint=fingerprint, chunk_tokens=chunk_tokens, kind=kind,
                           include_partial=kind is ChunkKind.STANDALONE)
         units.append(Unit(name, doc_id, s, tokens, tuple(refs)))
     return units
@@ -104,13 +104,8 @@ def prefill_padded(model, seqs: Sequence[np.ndarray]) -> list[torch.Tensor]:
         ids[i, : len(s)] = torch.from_numpy(s.astype(np.int64))
         mask[i, : len(s)] = 1
     _, cache = run_cached(model, ids.to(model.device), attention_mask=mask.to(model.device), logits_to_keep=1)
-    result = []
-    for i, n in enumerate(lengths):
-        # keys/values of layer l: [B, H, T, D] -> [T_i, H, D] of sequence i
-        layers = [torch.stack([layer.keys[i, :, :n].transpose(0, 1), layer.values[i, :, :n].transpose(0, 1)])
-                  for layer in cache.layers[: model.config.num_hidden_layers]]
-        result.append(torch.stack(layers).contiguous())  # [L, 2, T_i, H, D]
-    return result
+    layers = cache_layers(cache, model.config.num_hidden_layers)  # each [B, H, T, D]
+    return [kv_from_layers(layers, row=i, end=n) for i, n in enumerate(lengths)]  # each [L, 2, T_i, H, D]
 
 
 def compute_missing(model, batch: Sequence[Work], *, fingerprint: str, namespace: str, chunk_tokens: int,

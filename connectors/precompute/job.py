@@ -6,9 +6,9 @@ Pipeline (control in the calling thread, bytes in the upload workers):
 1. plan a window of documents: tokenize, cut into units, key their chunks (content hashes, no model),
    ask the target which keys it holds (one batch call per window);
 2. compute the missing chunks, batch by batch, on the model's device (`compute.compute_missing`);
-3. hand each unit's chunks to `upload_workers` threads through a queue bounded in bytes
-   (`max_pending_bytes`): the model computes the next batch while the workers encode (the target's
-   codec) and upload; when the workers fall behind the compute waits, so memory stays flat;
+3. hand each unit's chunks to `upload_workers` threads through a `BoundedWriter` (`max_pending_bytes`
+   in flight): the model computes the next batch while the workers encode (the target's codec) and
+   upload; when the workers fall behind the compute waits, so memory stays flat;
 4. a worker puts the chunks straight into the target tier (no write-behind queue that could drop
    them), checks with `contains` that every chunk of the unit is there, retrying with backoff, and only
    then appends the unit's manifest record (fsynced).
@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -39,6 +38,7 @@ from connectors.precompute.manifest import ManifestChunk, ManifestHeader, Manife
 from kvstore.chunk import Chunk
 from kvstore.keys import ChunkKind, TOKEN_DTYPE, validate_namespace
 from kvstore.tiers.base import Tier
+from kvstore.writer import BoundedWriter
 
 log = logging.getLogger(__name__)
 
@@ -134,66 +134,6 @@ class _Upload:
     nbytes: int
 
 
-class _Uploader:
-    """Worker threads that put units' chunks into the target; a queue bounded by bytes in flight."""
-
-    def __init__(self, job: "PrecomputeJob") -> None:
-        self.job = job
-        self.max_bytes = job.options.max_pending_bytes
-        self._cond = threading.Condition()
-        self._queue: deque[_Upload] = deque()
-        self._pending_bytes = 0
-        self._active = 0
-        self._closing = False
-        self._abort = False
-        # Daemon threads: an abort (a second Ctrl-C) must not wait for them at interpreter exit.
-        self._threads = [threading.Thread(target=self._run, name=f"precompute-upload-{i}", daemon=True)
-                         for i in range(job.options.upload_workers)]
-        for t in self._threads:
-            t.start()
-
-    def submit(self, item: _Upload) -> None:
-        """Queue `item`; waits while the bytes in flight would exceed the bound (one item always fits)."""
-        with self._cond:
-            while self._pending_bytes and self._pending_bytes + item.nbytes > self.max_bytes and not self._abort:
-                self._cond.wait()
-            self._pending_bytes += item.nbytes
-            self._queue.append(item)
-            self._cond.notify_all()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._closing and not self._abort:
-                    self._cond.wait()
-                if self._abort or not self._queue:
-                    return
-                item = self._queue.popleft()
-                self._active += 1
-            try:
-                self.job._upload(item)
-            except Exception as e:  # never lose a worker: the unit fails, the job goes on
-                log.exception("upload of %s failed", item.unit.id)
-                self.job._unit_failed(item.unit, f"upload failed: {e}")
-            finally:
-                with self._cond:
-                    self._pending_bytes -= item.nbytes
-                    self._active -= 1
-                    self._cond.notify_all()
-
-    def close(self, abort: bool = False) -> bool:
-        """Drain the queue and stop the workers; with `abort`, drop what is queued and give the uploads
-        in progress a few seconds. True when every worker has stopped."""
-        with self._cond:
-            self._closing = True
-            self._abort = self._abort or abort
-            self._cond.notify_all()
-        deadline = time.monotonic() + 5.0
-        for t in self._threads:
-            t.join(timeout=max(deadline - time.monotonic(), 0.0) if abort else None)
-        return not any(t.is_alive() for t in self._threads)
-
-
 class PrecomputeJob:
     """One run of the job over a corpus into `target` (see the module docstring)."""
 
@@ -239,7 +179,9 @@ class PrecomputeJob:
             self._manifest = ManifestWriter(self.manifest_path, self.header)
             if self._manifest.dropped_torn_line:
                 log.warning("manifest %s ended in a torn line (an interrupted run); dropped it", self.manifest_path)
-        uploader = None if self.options.dry_run else _Uploader(self)
+        o = self.options
+        uploader = None if o.dry_run else BoundedWriter("precompute-upload", max_pending_bytes=o.max_pending_bytes,
+                                                       workers=o.upload_workers)
         finished = False
         try:
             for window in _windows(corpus, self.options.window_docs):
@@ -251,7 +193,7 @@ class PrecomputeJob:
         finally:
             # On an abort (an exception, a second Ctrl-C) the uploads in progress get a moment, not a
             # drain; the manifest stays valid whatever they do (at worst a torn last line).
-            idle = uploader.close(abort=not finished) if uploader is not None else True
+            idle = uploader.close(abort=not finished, timeout=None if finished else 5.0) if uploader is not None else True
             if self._manifest is not None and idle:
                 self._manifest.close()
             stats1 = self.target.stats.snapshot()
@@ -260,7 +202,7 @@ class PrecomputeJob:
             s.wall_s = time.perf_counter() - t0
         return s
 
-    def _process_window(self, window: list[CorpusItem], uploader: _Uploader | None) -> None:
+    def _process_window(self, window: list[CorpusItem], uploader: BoundedWriter | None) -> None:
         s = self.summary
         o = self.options
         docs = [d for d in window if isinstance(d, Document)]
@@ -281,7 +223,7 @@ class PrecomputeJob:
                                  f"{self.max_tokens} tokens")
                 continue
             units += split_units(doc.id, arr.astype(TOKEN_DTYPE), kind=o.kind, passage_tokens=o.passage_tokens,
-                                 namespace=o.namespace, model=self.fingerprint, chunk_tokens=o.chunk_tokens)
+                                 namespace=o.namespace, fingerprint=self.fingerprint, chunk_tokens=o.chunk_tokens)
         s.units += len(units)
         s.tokens += sum(len(u.tokens) for u in units)
         keys = [k for u in units for k in u.keys]
@@ -336,12 +278,20 @@ class PrecomputeJob:
                 s.chunks_computed += sum(len(c) for c in results)
             finished_docs = 0
             for w, chunks in zip(batch, results):
-                uploader.submit(_Upload(w.unit, chunks, sum(c.nbytes for c in chunks)))
+                item = _Upload(w.unit, chunks, sum(c.nbytes for c in chunks))
+                uploader.submit(lambda item=item: self._upload_or_fail(item), item.nbytes)
                 pending_docs[w.unit.doc] -= 1
                 finished_docs += pending_docs[w.unit.doc] == 0
             self._advance(finished_docs)
 
     # -- upload workers -----------------------------------------------------------------------------
+
+    def _upload_or_fail(self, item: _Upload) -> None:
+        try:
+            self._upload(item)
+        except Exception as e:  # the unit fails, the job goes on
+            log.exception("upload of %s failed", item.unit.id)
+            self._unit_failed(item.unit, f"upload failed: {e}")
 
     def _upload(self, item: _Upload) -> None:
         o = self.options

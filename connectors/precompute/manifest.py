@@ -6,7 +6,8 @@ Format (JSONL, UTF-8, version 1), documented in docs/PRECOMPUTE.md:
   "add_special_tokens": false}`: the parameters every key below depends on;
 - then one record per unit (a document, or one passage of it): `{"id", "doc", "doc_start", "kind", "tokens",
   "stored_tokens", "chunks": [{"hash", "key", "start", "tokens"}], "model", "namespace"}`. `hash` is the
-  chunk hash (32 hex digits): `ChunkKey(namespace, model, bytes.fromhex(hash))` is the store key; `key`
+  chunk hash (32 hex digits): `ChunkKey(namespace, fingerprint, bytes.fromhex(hash))` is the store key (the
+  fingerprint is the `model` field); `key`
   is that key's flat digest (`ChunkKey.hex()`, the name in Redis and on disk). When an id appears twice
   (its text changed between runs), the later record wins.
 
@@ -36,7 +37,7 @@ _KINDS = {v: k for k, v in KIND_NAMES.items()}
 
 @dataclass(frozen=True, slots=True)
 class ManifestHeader:
-    model: str
+    fingerprint: str  # "model" in the file
     namespace: str
     kind: ChunkKind
     chunk_tokens: int
@@ -44,7 +45,7 @@ class ManifestHeader:
     add_special_tokens: bool = False
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "version": VERSION, "model": self.model, "namespace": self.namespace,
+        return {"format": FORMAT, "version": VERSION, "model": self.fingerprint, "namespace": self.namespace,
                 "kind": KIND_NAMES[self.kind], "chunk_tokens": self.chunk_tokens,
                 "passage_tokens": self.passage_tokens, "add_special_tokens": self.add_special_tokens}
 
@@ -78,11 +79,11 @@ class ManifestRecord:
     tokens: int  # tokens of the unit
     stored_tokens: int  # tokens covered by stored chunks (prefix mode leaves out a trailing partial chunk)
     chunks: tuple[ManifestChunk, ...]
-    model: str
+    fingerprint: str  # "model" in the file
     namespace: str
 
     def keys(self) -> list[ChunkKey]:
-        return [ChunkKey(self.namespace, self.model, c.hash) for c in self.chunks]
+        return [ChunkKey(self.namespace, self.fingerprint, c.hash) for c in self.chunks]
 
     def to_json(self) -> dict:
         keys = self.keys()
@@ -90,7 +91,7 @@ class ManifestRecord:
                 "stored_tokens": self.stored_tokens,
                 "chunks": [{"hash": c.hash.hex(), "key": k.hex(), "start": c.start, "tokens": c.tokens}
                            for c, k in zip(self.chunks, keys)],
-                "model": self.model, "namespace": self.namespace}
+                "model": self.fingerprint, "namespace": self.namespace}
 
     @classmethod
     def from_json(cls, obj: object) -> "ManifestRecord":
@@ -157,7 +158,7 @@ def _parse(data: bytes, where: str) -> Manifest:
 class ManifestWriter:
     """Appends records to a manifest, one fsynced line each; safe to call from several threads.
 
-    Opening an existing manifest checks that it was written with the same header (model, namespace,
+    Opening an existing manifest checks that it was written with the same header (fingerprint, namespace,
     kind, chunk sizes), drops a torn last line, and loads its records so the job can skip units that are
     already recorded. Holds an exclusive lock on the file until `close`.
     """
@@ -239,6 +240,6 @@ def _header_fragment(raw: bytes) -> bool:
 
 
 def _diff(a: ManifestHeader, b: ManifestHeader) -> str:
-    fields = ("model", "namespace", "kind", "chunk_tokens", "passage_tokens", "add_special_tokens")
+    fields = ("fingerprint", "namespace", "kind", "chunk_tokens", "passage_tokens", "add_special_tokens")
     return ", ".join(f"{f}: file has {getattr(a, f)!r}, this run {getattr(b, f)!r}"
                      for f in fields if getattr(a, f) != getattr(b, f))

@@ -2,18 +2,22 @@
 
 Every call is batch-first and answers per key:
 - `contains(keys) -> [bool]`, `get(keys, out) -> [Chunk | None]`, `put(chunks) -> [bool]`,
-  `delete(keys) -> count`, `pin(keys) -> [bool]`, `unpin(keys)`, `usage() -> TierUsage`.
+  `delete(keys) -> count`, `pin(keys) -> [bool]`, `unpin(keys)`, `usage() -> TierUsage`, `clear(ns)`;
+- two phases for a write whose data others go on reading: `prepare_store(chunks) -> Prepared` stores
+  the chunks and hands back a stable copy of each (the tier's own copy, pinned, where it can), valid until
+  `complete_store(prepared)` (vLLM's `prepare_store` / `complete_store`);
+- `watch_evictions(callback)`: `callback(chunk)` for each entry the tier evicts, called before the
+  victim's memory is reused (the chunk's tensor is only valid during the call).
 Guarantees every tier gives:
 - a pinned entry is never evicted; `delete` of a pinned entry takes effect at its last `unpin`;
 - `put` of a key already present is a no-op that returns True (keys are content hashes);
 - a fault on one key (corrupt bytes, I/O error) is a miss for that key, counted, never an exception;
-- eviction calls `on_evict(chunk)` (if set) before the victim's memory is reused, so the store can
-  write it back to the next tier; the chunk's tensor is only valid during the call.
+  a caller's error (an `out` buffer that does not fit) is raised, `InvalidChunkError`.
+A tier sets up its name, counters and eviction hook through `Tier.__init__`.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -25,8 +29,6 @@ import torch
 
 from kvstore.chunk import Chunk
 from kvstore.keys import ChunkKey
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,12 +98,24 @@ class Timer:
 EvictCallback = Callable[[Chunk], None]
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """What `prepare_store` hands back: per chunk given, whether the tier accepted it and a copy of its KV
+    that stays valid and unchanged until `complete_store`; `pinned`, the keys the tier holds until then."""
+
+    chunks: list[Chunk]
+    accepted: list[bool]
+    pinned: list[ChunkKey]
+
+
 class Tier(ABC):
-    name: str
-    stats: TierStats
-    on_evict: EvictCallback | None = None
     # True for tiers across a network: when behind, the store drops their writes instead of waiting.
     drop_when_behind: ClassVar[bool] = False
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.stats = TierStats()
+        self._on_evict: EvictCallback | None = None
 
     @abstractmethod
     def contains(self, keys: Sequence[ChunkKey], tokens: Sequence[np.ndarray] | None = None) -> list[bool]:
@@ -109,7 +123,7 @@ class Tier(ABC):
 
     @abstractmethod
     def get(self, keys: Sequence[ChunkKey], out: Sequence[torch.Tensor | None] | None = None) -> list[Chunk | None]:
-        """Chunks for `keys` (None on a miss); decoded into `out[i]` where given (shape and dtype must fit)."""
+        """Chunks for `keys` (None on a miss); KV delivered into `out[i]` where given (see `chunk.check_out`)."""
 
     @abstractmethod
     def put(self, chunks: Sequence[Chunk]) -> list[bool]: ...
@@ -133,21 +147,25 @@ class Tier(ABC):
     def close(self) -> None:
         """Release resources; the tier answers no more calls after this."""
 
+    # -- two-phase store -----------------------------------------------------------------------------
 
-class RemoteTier(Tier):
-    """A tier across the network (Redis, a sidecar). Degrade, don't fail: after a failed call the tier
-    counts as down for `retry_after` seconds, during which callers answer misses and drop puts at once;
-    the first call after that tries again."""
+    def prepare_store(self, chunks: Sequence[Chunk]) -> Prepared:
+        """Store `chunks` and return a stable copy of each (here: private CPU copies; a tier that holds
+        decoded KV hands out its own copies, pinned). The caller may reuse its tensors at once."""
+        return Prepared([c.copy() for c in chunks], self.put(chunks), [])
 
-    drop_when_behind = True
-    url: str
-    retry_after: float
-    _down_until: float = 0.0
+    def complete_store(self, prepared: Prepared) -> None:
+        """Release what `prepare_store` holds; its copies are not to be read after this."""
+        if prepared.pinned:
+            self.unpin(prepared.pinned)
 
-    def available(self) -> bool:
-        return time.monotonic() >= self._down_until
+    # -- evictions -----------------------------------------------------------------------------------
 
-    def _failed(self, what: str, e: Exception) -> None:
-        self._down_until = time.monotonic() + self.retry_after  # one float store: atomic, no lock needed
-        self.stats.add(errors=1)
-        log.warning("%s tier %s: %s failed (%s); treating it as down for %.1f s", self.name, self.url, what, e, self.retry_after)
+    def watch_evictions(self, callback: EvictCallback | None) -> None:
+        """Have `callback(chunk)` called for each entry this tier evicts, before its memory is reused.
+        Tiers that never evict by themselves (a remote server evicts on its own) never call it."""
+        self._on_evict = callback
+
+    def _evicted(self, chunk: Chunk) -> None:
+        if self._on_evict is not None:
+            self._on_evict(chunk)

@@ -30,22 +30,22 @@ def _setup(shipped, chunk_tokens=64):
 def test_passage_keys_agree_with_compute_chunks_and_span_chunks(shipped):
     model, store, fp, passages, _, _ = _setup(shipped)
     for p in passages:
-        refs = passage_refs(store, p, model=fp)
+        refs = passage_refs(store, p, fingerprint=fp)
         chunks = compute_chunks(model, p, fingerprint=fp, chunk_tokens=64, kind=ChunkKind.STANDALONE,
                                 include_partial=True)
         assert [r.key for r in refs] == [c.key for c in chunks]
         assert len(refs) == -(-p.numel() // 64) >= 2  # several chunks, the partial tail keyed too
         assert all(c is not None for c in store.get(refs))
     # Position-independent: the same passage has the same keys whatever precedes it in a prompt.
-    fetch = store_segments(store, [Part.passage(passages[1]), Part.passage(passages[0])], model=fp)
-    fetch2 = store_segments(store, [Part.passage(passages[0])], model=fp)
+    fetch = store_segments(store, [Part.passage(passages[1]), Part.passage(passages[0])], fingerprint=fp)
+    fetch2 = store_segments(store, [Part.passage(passages[0])], fingerprint=fp)
     assert all(s.is_cached for s in fetch.fetch()) and all(s.is_cached for s in fetch2.fetch())
 
 
 def test_store_segments_match_in_memory_segments(shipped):
     model, store, fp, passages, q, sep = _setup(shipped)
     parts = [x for p in passages for x in (Part.passage(p), Part.fresh(sep))] + [Part.fresh(q)]
-    fetched = blend(model, store_segments(store, parts, model=fp), BlendConfig(ratio=0.15))
+    fetched = blend(model, store_segments(store, parts, fingerprint=fp), BlendConfig(ratio=0.15))
     segs = []
     for p in passages:
         for c in compute_chunks(model, p, fingerprint=fp, chunk_tokens=64, kind=ChunkKind.STANDALONE,
@@ -60,11 +60,11 @@ def test_store_segments_match_in_memory_segments(shipped):
 
 def test_missing_chunk_is_computed_not_an_error(shipped):
     model, store, fp, passages, q, sep = _setup(shipped)
-    victim = passage_refs(store, passages[1], model=fp)[1]  # the middle passage's second chunk
+    victim = passage_refs(store, passages[1], fingerprint=fp)[1]  # the middle passage's second chunk
     assert store.delete([victim.key]) == 1
     parts = [x for p in passages for x in (Part.passage(p), Part.fresh(sep))] + [Part.fresh(q)]
     for ratio in (0.0, 0.15):
-        res = blend(model, store_segments(store, parts, model=fp), BlendConfig(ratio=ratio))
+        res = blend(model, store_segments(store, parts, fingerprint=fp), BlendConfig(ratio=ratio))
         start = passages[0].numel() + sep.numel() + victim.start
         rows = torch.arange(start, start + len(victim.tokens))
         assert torch.isin(rows, res.report.fresh_rows).all()
@@ -72,7 +72,7 @@ def test_missing_chunk_is_computed_not_an_error(shipped):
         # The missing rows were computed by the model at every layer, like the question.
         assert all(c >= rows.numel() + q.numel() for c in res.report.computed)
         assert torch.isfinite(res.logits).all()
-    full = blend(model, store_segments(store, parts, model=fp), BlendConfig(ratio=1.0))
+    full = blend(model, store_segments(store, parts, fingerprint=fp), BlendConfig(ratio=1.0))
     ids = torch.cat([p.tokens for p in parts])
     with torch.inference_mode():
         ref = model(ids[None]).logits[0, -1]

@@ -91,10 +91,10 @@ def test_codebook_round_trip_and_smaller_payload(tmp_path):
     cb = _codebook("test-model-cb1", train)
     path = cb.save(tmp_path)
     loaded = Codebook.load(path)
-    assert loaded.digest == cb.digest and loaded.model == cb.model
+    assert loaded.digest == cb.digest and loaded.fingerprint == cb.fingerprint
     reg = CodebookRegistry([tmp_path])
-    assert reg.for_model("test-model-cb1").digest == cb.digest and reg.by_digest(cb.digest) is not None
-    assert reg.for_model("other") is None
+    assert reg.for_fingerprint("test-model-cb1").digest == cb.digest and reg.by_digest(cb.digest) is not None
+    assert reg.for_fingerprint("other") is None
     codebooks.register(cb)
     kv = kv_like(shape=(2, 2, 64, 2, 16), seed=99)
     c = CacheGenCodec(2).bind("test-model-cb1")
@@ -126,7 +126,7 @@ def test_corrupt_codebook_file_is_rejected(tmp_path):
     with pytest.raises(CodecError):
         Codebook.from_bytes(bytes(raw))
     (tmp_path / "bad.kvcb").write_bytes(b"garbage")
-    assert CodebookRegistry([tmp_path]).for_model("x") is None  # skipped, not raised
+    assert CodebookRegistry([tmp_path]).for_fingerprint("x") is None  # skipped, not raised
 
 
 @pytest.mark.parametrize("params", [b"", b"\x01", b"\x02\x02", b"\x01\x09", bytes(5)])

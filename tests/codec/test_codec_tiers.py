@@ -24,8 +24,8 @@ MODEL = "tiers-test-model"
 LOSSY_TOL = {"int8": 0.02, "kivi4": 0.12, "kivi2": 0.5, "cachegen": 0.22, "cachegen1": 0.45, "cachegen3": 0.1}
 
 
-def chunks(n: int, seed: int = 0, model: str = MODEL) -> list[Chunk]:
-    refs = chunk_refs(np.arange(n * CT) + seed * 10_000, namespace="t", model=model, chunk_tokens=CT)
+def chunks(n: int, seed: int = 0, fingerprint: str = MODEL) -> list[Chunk]:
+    refs = chunk_refs(np.arange(n * CT) + seed * 10_000, namespace="t", fingerprint=fingerprint, chunk_tokens=CT)
     g = torch.Generator().manual_seed(seed)
     return [Chunk.from_ref(r, torch.randn(SHAPE, generator=g).to(torch.float16)) for r in refs]
 
@@ -67,7 +67,7 @@ def test_cachegen_record_names_the_codebook(codebook):
     assert h.codec == "cachegen" and h.codec_params[2:] == codebook.digest
     assert close_enough("cachegen", decode_record(header + bytes(payload)).kv, c.kv)
     # a chunk of a model without a codebook carries its own tables
-    other = chunks(1, model="no-codebook-model")[0]
+    other = chunks(1, fingerprint="no-codebook-model")[0]
     header, payload = encode_record(other, make_codec("cachegen", 2))
     assert len(parse_header(header + bytes(payload)).codec_params) == 2
 

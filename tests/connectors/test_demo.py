@@ -16,7 +16,7 @@ def test_demo_answers_identically_reusing_memory_and_disk(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
     env.update(KVSTORE_DISK_PATH=str(tmp_path), PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     for run in range(2):  # the second run starts cold too: the demo clears its namespace
-        res = subprocess.run([sys.executable, "-m", "kvstore", "demo", "--model", "tiny"], capture_output=True, text=True, env=env, timeout=300)
+        res = subprocess.run([sys.executable, "-m", "connectors", "demo", "--model", "tiny"], capture_output=True, text=True, env=env, timeout=300)
         assert res.returncode == 0, res.stdout + res.stderr
         out = res.stdout
         assert "model: tiny-llama" in out

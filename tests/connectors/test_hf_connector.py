@@ -152,7 +152,7 @@ def test_corrupted_record_falls_back_to_recompute(shipped, text_ids, tmp_path):
     assert len(records) == 6
     store = disk_store(tmp_path, "raw")
     fp = model_fingerprint(model)
-    victim_ref = store.chunk_refs(ids, model=fp)[2]
+    victim_ref = store.chunk_refs(ids, fingerprint=fp)[2]
     victim = [p for p in records if victim_ref.key.hex() in p.name]
     assert len(victim) == 1
     data = bytearray(victim[0].read_bytes())
@@ -178,7 +178,7 @@ def test_tier_that_raises_falls_back_to_recompute(shipped, text_ids):
     with HFConnector(model, store) as conn:
         conn.generate(ids, 2)
         conn.wait_stored()
-        assert store.lookup(ids, model=conn.fingerprint) == 4 * CT
+        assert store.lookup(ids, fingerprint=conn.fingerprint) == 4 * CT
         gen = conn.generate(ids, NEW)
     assert gen.tokens == reference(model, ids)
     assert gen.report.reused_tokens == 0 and gen.report.fallback

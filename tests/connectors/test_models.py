@@ -103,11 +103,11 @@ def test_a_folder_counts_as_converted_only_with_a_matching_marker(tmp_path):
 def test_model_command_lists_models_and_reports_bad_names():
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
     env["PYTHONPATH"] = str(ROOT)
-    res = subprocess.run([sys.executable, "-m", "kvstore", "model", "list"], capture_output=True, text=True, env=env,
+    res = subprocess.run([sys.executable, "-m", "connectors", "model", "list"], capture_output=True, text=True, env=env,
                          timeout=60)
     assert res.returncode == 0, res.stderr
     assert "smollm2-135m" in res.stdout and "SmolLM2-135M-Instruct" in res.stdout and "tiny" in res.stdout
-    res = subprocess.run([sys.executable, "-m", "kvstore", "model", "fetch", "no-such-model"], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "connectors", "model", "fetch", "no-such-model"], capture_output=True,
                          text=True, env=env, timeout=60)
     assert res.returncode == 2
     assert "unknown model 'no-such-model'" in res.stderr and "Traceback" not in res.stderr

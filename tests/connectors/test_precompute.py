@@ -122,7 +122,7 @@ def test_folder_reader_ids_are_relative_paths_in_sorted_order(tmp_path):
 
 
 def header(**kw) -> ManifestHeader:
-    base = dict(model="m-1", namespace="pc", kind=ChunkKind.PREFIX, chunk_tokens=CHUNK)
+    base = dict(fingerprint="m-1", namespace="pc", kind=ChunkKind.PREFIX, chunk_tokens=CHUNK)
     return ManifestHeader(**{**base, **kw})
 
 
@@ -369,7 +369,7 @@ def test_sidecar_target_with_a_token(tmp_path, shipped, fingerprint):
         assert s.ok and s.chunks_uploaded > 0
         for doc_id, t in docs:
             ids = tokens_of(shipped, t)
-            refs = chunk_refs(ids, namespace="pc", model=fingerprint, chunk_tokens=CHUNK)
+            refs = chunk_refs(ids, namespace="pc", fingerprint=fingerprint, chunk_tokens=CHUNK)
             assert store.lookup_refs(refs) == len(refs)  # in the sidecar's own store
         target.close()
     finally:

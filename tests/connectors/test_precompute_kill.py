@@ -77,7 +77,7 @@ def cli(corpus: Path, manifest: Path, summary: Path, *args: str, store: Path | N
     sets = ["--set", f"chunk_tokens={CHUNK}", "--set", "namespace=kill"]
     if store is not None:
         sets += ["--set", f"disk.path={store}"]
-    cmd = [sys.executable, "-m", "kvstore", *sets, "precompute", str(corpus), "--manifest", str(manifest),
+    cmd = [sys.executable, "-m", "connectors", *sets, "precompute", str(corpus), "--manifest", str(manifest),
            "--summary", str(summary), "--no-progress", "--model", "tiny", *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -68,7 +68,7 @@ def test_reversed_passages_and_a_missing_chunk(setup):
     ref = pipe.prefill(ex.prompt_tail, passages, full_prefill=True)
     from blend import passage_refs
 
-    victim = passage_refs(pipe.store, pipe.tokens(passages[2]), model=pipe.fingerprint, namespace="ragtest")[0]
+    victim = passage_refs(pipe.store, pipe.tokens(passages[2]), fingerprint=pipe.fingerprint, namespace="ragtest")[0]
     pipe.store.delete([victim.key])
     try:
         pre = pipe.prefill(ex.prompt_tail, passages, ratio=1.0)

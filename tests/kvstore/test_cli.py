@@ -26,7 +26,7 @@ def run_cli(*args: str, disk: Path, extra_env: dict | None = None) -> subprocess
 
 def fill(disk: Path, namespace: str, n: int, offset: int = 0) -> list[Chunk]:
     tier = DiskTier(disk, 1 << 30, make_codec("zstd"))
-    refs = chunk_refs(np.arange(n * 16) + offset, namespace=namespace, model="m", chunk_tokens=16)
+    refs = chunk_refs(np.arange(n * 16) + offset, namespace=namespace, fingerprint="m", chunk_tokens=16)
     chunks = [Chunk.from_ref(r, torch.randn(2, 2, 16, 2, 4).to(torch.float16)) for r in refs]
     assert all(tier.put(chunks))
     tier.close()

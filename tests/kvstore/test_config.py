@@ -233,7 +233,7 @@ def test_bad_redis_settings(overrides, message):
 
 
 def test_sidecar_section_adds_the_http_tier_last(tmp_path):
-    from kvstore.tiers import HttpTier
+    from kvstore.tiers import SidecarTier
 
     cfg = load_config(env={"KVSTORE_SIDECAR_TOKEN": "s3cret"},
                       overrides={"sidecar.url": "http://127.0.0.1:1", "sidecar.timeout": "0.3", "sidecar.codec": "raw",
@@ -243,7 +243,7 @@ def test_sidecar_section_adds_the_http_tier_last(tmp_path):
     store = build_store(cfg)
     try:
         assert [t.name for t in store.tiers] == ["cpu", "disk", "sidecar"]
-        assert isinstance(store.tiers[2], HttpTier) and isinstance(store.tiers[2].codec, RawCodec)
+        assert isinstance(store.tiers[2], SidecarTier) and isinstance(store.tiers[2].codec, RawCodec)
     finally:
         store.close()
 

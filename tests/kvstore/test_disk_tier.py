@@ -117,7 +117,7 @@ from kvstore.keys import ChunkKind, chunk_refs
 def det_chunk(i):
     """Chunk number i, the same in every process: [4, 2, 64, 4, 32] fp16 (128 KiB)."""
     tokens = (np.arange(64, dtype=np.int64) + 64 * i) % 50_000
-    ref = chunk_refs(tokens, namespace="crash", model="m", chunk_tokens=64, kind=ChunkKind.STANDALONE)[0]
+    ref = chunk_refs(tokens, namespace="crash", fingerprint="m", chunk_tokens=64, kind=ChunkKind.STANDALONE)[0]
     g = torch.Generator().manual_seed(i)
     kv = torch.randn(4, 2, 64, 4, 32, generator=g).to(torch.float16)
     return Chunk(ref.key, kv, ref.tokens, 64 * i)
@@ -472,7 +472,7 @@ def test_index_rebuild_sees_every_record(tmp_path):
     from kvstore.keys import ChunkKind, chunk_refs
 
     toks = np.arange(2 * n, dtype=np.uint32)
-    refs = chunk_refs(toks, namespace="many", model="m", chunk_tokens=2, kind=ChunkKind.STANDALONE)
+    refs = chunk_refs(toks, namespace="many", fingerprint="m", chunk_tokens=2, kind=ChunkKind.STANDALONE)
     # Standalone refs chain within the sequence, so every key is distinct.
     assert len({r.key for r in refs}) == n
     tier = tier_at(tmp_path, "raw")

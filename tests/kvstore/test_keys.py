@@ -24,7 +24,7 @@ from kvstore.keys import (
     as_token_array,
     chunk_hash,
     chunk_refs,
-    validate_model,
+    validate_fingerprint,
     validate_namespace,
 )
 
@@ -34,7 +34,7 @@ CT = 8  # chunk_tokens in the property tests: small so that short sequences span
 token = st.integers(min_value=0, max_value=2**32 - 1)
 tokens_st = st.lists(token, min_size=CT, max_size=5 * CT)
 namespace_st = st.from_regex(r"\A[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}\Z")
-model_st = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=40)
+fingerprint_st = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=40)
 salt_st = st.binary(max_size=16)
 kind_st = st.sampled_from(list(ChunkKind))
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -42,14 +42,14 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 
 def hashes(tokens, **kw) -> list[bytes]:
     kw.setdefault("namespace", "ns")
-    kw.setdefault("model", "m")
+    kw.setdefault("fingerprint", "m")
     kw.setdefault("chunk_tokens", CT)
     return [r.key.chunk_hash for r in chunk_refs(tokens, **kw)]
 
 
 def keys(tokens, **kw) -> list[ChunkKey]:
     kw.setdefault("namespace", "ns")
-    kw.setdefault("model", "m")
+    kw.setdefault("fingerprint", "m")
     kw.setdefault("chunk_tokens", CT)
     return [r.key for r in chunk_refs(tokens, **kw)]
 
@@ -61,7 +61,7 @@ import json, sys
 from kvstore.keys import ChunkKind, chunk_refs
 cases = json.loads(sys.stdin.read())
 for c in cases:
-    refs = chunk_refs(c["tokens"], namespace=c["ns"], model=c["model"], chunk_tokens=c["ct"],
+    refs = chunk_refs(c["tokens"], namespace=c["ns"], fingerprint=c["fingerprint"], chunk_tokens=c["ct"],
                       kind=ChunkKind[c["kind"]], salt=bytes.fromhex(c["salt"]), include_partial=True)
     print(" ".join(r.key.chunk_hash.hex() + ":" + r.key.hex() for r in refs))
 """
@@ -71,7 +71,7 @@ for c in cases:
 @given(
     st.lists(
         st.fixed_dictionaries(
-            {"tokens": tokens_st, "ns": namespace_st, "model": model_st, "ct": st.integers(1, 3 * CT),
+            {"tokens": tokens_st, "ns": namespace_st, "fingerprint": fingerprint_st, "ct": st.integers(1, 3 * CT),
              "kind": st.sampled_from([k.name for k in ChunkKind]), "salt": salt_st.map(bytes.hex)}
         ),
         min_size=1,
@@ -87,7 +87,7 @@ def test_same_tokens_same_keys_in_a_fresh_process(cases):
     lines = proc.stdout.splitlines()
     assert len(lines) == len(cases)
     for c, line in zip(cases, lines):
-        refs = chunk_refs(c["tokens"], namespace=c["ns"], model=c["model"], chunk_tokens=c["ct"],
+        refs = chunk_refs(c["tokens"], namespace=c["ns"], fingerprint=c["fingerprint"], chunk_tokens=c["ct"],
                           kind=ChunkKind[c["kind"]], salt=bytes.fromhex(c["salt"]), include_partial=True)
         assert line.split() == [r.key.chunk_hash.hex() + ":" + r.key.hex() for r in refs]
 
@@ -95,18 +95,18 @@ def test_same_tokens_same_keys_in_a_fresh_process(cases):
 def test_golden_value():
     # Pinned so that any change of the hash input layout (which would orphan every stored record) is
     # caught; change it only together with a record format/version bump.
-    refs = chunk_refs(range(256), namespace="default", model="m")
+    refs = chunk_refs(range(256), namespace="default", fingerprint="m")
     assert len(refs) == 1
     assert refs[0].key.chunk_hash.hex() == "ba067304fd9319309926cc03934fc03d"
     assert refs[0].key == ChunkKey("default", "m", bytes.fromhex("ba067304fd9319309926cc03934fc03d"))
 
 
 def test_key_digest_golden_and_distinct_from_chunk_hash():
-    key = chunk_refs(range(256), namespace="default", model="m")[0].key
+    key = chunk_refs(range(256), namespace="default", fingerprint="m")[0].key
     assert len(key.digest()) == 16
     assert key.hex() == key.digest().hex()
-    assert key.digest() != key.chunk_hash  # the digest covers namespace and model too
-    # Recomputed by hand from the documented layout: u8 len + namespace, u8 len + model, chunk hash.
+    assert key.digest() != key.chunk_hash  # the digest covers namespace and fingerprint too
+    # Recomputed by hand from the documented layout: u8 len + namespace, u8 len + fingerprint, chunk hash.
     import xxhash
 
     assert key.digest() == xxhash.xxh3_128_digest(b"\x07default" + b"\x01m" + key.chunk_hash)
@@ -169,22 +169,22 @@ def test_changing_chunk_zero_changes_all_later_prefix_keys(toks, new):
 
 
 @SETTINGS
-@given(tokens_st, namespace_st, namespace_st, model_st, model_st, salt_st, salt_st)
-def test_namespace_model_salt_kind_each_change_the_key(toks, ns1, ns2, m1, m2, s1, s2):
-    base = keys(toks, namespace=ns1, model=m1, salt=s1)
+@given(tokens_st, namespace_st, namespace_st, fingerprint_st, fingerprint_st, salt_st, salt_st)
+def test_namespace_fingerprint_salt_kind_each_change_the_key(toks, ns1, ns2, m1, m2, s1, s2):
+    base = keys(toks, namespace=ns1, fingerprint=m1, salt=s1)
     if ns1 != ns2:
-        other = keys(toks, namespace=ns2, model=m1, salt=s1)
+        other = keys(toks, namespace=ns2, fingerprint=m1, salt=s1)
         assert all(a != b for a, b in zip(base, other))
         assert all(a.digest() != b.digest() for a, b in zip(base, other))
         # Namespaces do not enter the chunk hash; they separate tenants through the key and its digest.
         assert [a.chunk_hash for a in base] == [b.chunk_hash for b in other]
     if m1 != m2:
-        other = keys(toks, namespace=ns1, model=m2, salt=s1)
+        other = keys(toks, namespace=ns1, fingerprint=m2, salt=s1)
         assert all(a != b and a.digest() != b.digest() for a, b in zip(base, other))
     if s1 != s2:
-        other = keys(toks, namespace=ns1, model=m1, salt=s2)
+        other = keys(toks, namespace=ns1, fingerprint=m1, salt=s2)
         assert all(a.chunk_hash != b.chunk_hash for a, b in zip(base, other))
-    standalone = keys(toks, namespace=ns1, model=m1, salt=s1, kind=ChunkKind.STANDALONE)
+    standalone = keys(toks, namespace=ns1, fingerprint=m1, salt=s1, kind=ChunkKind.STANDALONE)
     assert not set(a.chunk_hash for a in base) & set(b.chunk_hash for b in standalone)
 
 
@@ -196,8 +196,8 @@ def test_salt_length_is_framed():
 @SETTINGS
 @given(st.lists(token, min_size=0, max_size=5 * CT), st.integers(1, 3 * CT))
 def test_include_partial(toks, ct):
-    full = chunk_refs(toks, namespace="ns", model="m", chunk_tokens=ct)
-    part = chunk_refs(toks, namespace="ns", model="m", chunk_tokens=ct, include_partial=True)
+    full = chunk_refs(toks, namespace="ns", fingerprint="m", chunk_tokens=ct)
+    part = chunk_refs(toks, namespace="ns", fingerprint="m", chunk_tokens=ct, include_partial=True)
     n_full, rest = divmod(len(toks), ct)
     assert len(full) == n_full
     assert len(part) == n_full + (1 if rest else 0)
@@ -210,14 +210,14 @@ def test_include_partial(toks, ct):
     if rest:
         # The trailing partial chunk's key differs from the full chunk its tokens start.
         longer = toks + [0] * (ct - rest)
-        full_longer = chunk_refs(longer, namespace="ns", model="m", chunk_tokens=ct)
+        full_longer = chunk_refs(longer, namespace="ns", fingerprint="m", chunk_tokens=ct)
         assert part[-1].key != full_longer[-1].key
 
 
 @SETTINGS
 @given(tokens_st, kind_st, salt_st)
 def test_chunk_hash_agrees_with_chunk_refs(toks, kind, salt):
-    refs = chunk_refs(toks, namespace="ns", model="m", chunk_tokens=CT, kind=kind, salt=salt, include_partial=True)
+    refs = chunk_refs(toks, namespace="ns", fingerprint="m", chunk_tokens=CT, kind=kind, salt=salt, include_partial=True)
     parent = PREFIX_ROOT if kind is ChunkKind.PREFIX else STANDALONE_ROOT
     for r in refs:
         h = chunk_hash(parent, np.asarray(toks[r.start : r.end], dtype="<u4").tobytes(), kind, salt)
@@ -227,7 +227,7 @@ def test_chunk_hash_agrees_with_chunk_refs(toks, kind, salt):
 
 def test_refs_tokens_are_read_only_and_the_callers_array_is_untouched():
     arr = np.arange(3 * CT, dtype=np.uint32)
-    refs = chunk_refs(arr, namespace="ns", model="m", chunk_tokens=CT)
+    refs = chunk_refs(arr, namespace="ns", fingerprint="m", chunk_tokens=CT)
     assert not refs[0].tokens.flags.writeable
     with pytest.raises(ValueError):
         refs[0].tokens[0] = 7
@@ -236,9 +236,9 @@ def test_refs_tokens_are_read_only_and_the_callers_array_is_untouched():
 
 
 def test_empty_tokens_give_no_chunks():
-    assert chunk_refs([], namespace="ns", model="m") == []
-    assert chunk_refs(np.empty(0, dtype=np.int64), namespace="ns", model="m", include_partial=True) == []
-    assert chunk_refs(range(CT - 1), namespace="ns", model="m", chunk_tokens=CT) == []
+    assert chunk_refs([], namespace="ns", fingerprint="m") == []
+    assert chunk_refs(np.empty(0, dtype=np.int64), namespace="ns", fingerprint="m", include_partial=True) == []
+    assert chunk_refs(range(CT - 1), namespace="ns", fingerprint="m", chunk_tokens=CT) == []
 
 
 # -- bad input -----------------------------------------------------------------------------------------
@@ -263,7 +263,7 @@ def test_empty_tokens_give_no_chunks():
 )
 def test_invalid_tokens_raise_typed_error(bad):
     with pytest.raises(InvalidTokensError):
-        chunk_refs(bad, namespace="ns", model="m", chunk_tokens=1)
+        chunk_refs(bad, namespace="ns", fingerprint="m", chunk_tokens=1)
     with pytest.raises(KVStoreError):
         as_token_array(bad)
 
@@ -271,7 +271,7 @@ def test_invalid_tokens_raise_typed_error(bad):
 @pytest.mark.parametrize("ct", [0, -1])
 def test_invalid_chunk_tokens(ct):
     with pytest.raises(InvalidTokensError):
-        chunk_refs([1, 2], namespace="ns", model="m", chunk_tokens=ct)
+        chunk_refs([1, 2], namespace="ns", fingerprint="m", chunk_tokens=ct)
 
 
 @pytest.mark.parametrize(
@@ -283,7 +283,7 @@ def test_invalid_namespace(ns):
     with pytest.raises(InvalidKeyError):
         validate_namespace(ns)
     with pytest.raises(InvalidKeyError):
-        chunk_refs([1], namespace=ns, model="m", chunk_tokens=1)
+        chunk_refs([1], namespace=ns, fingerprint="m", chunk_tokens=1)
     with pytest.raises(InvalidKeyError):
         ChunkKey(ns, "m", bytes(16))
 
@@ -293,16 +293,16 @@ def test_valid_namespace(ns):
     assert validate_namespace(ns) == ns
 
 
-@pytest.mark.parametrize("model", ["", "a\x00b", "line\nbreak", "m" * 256, "é" * 128, None, 5])
-def test_invalid_model(model):
+@pytest.mark.parametrize("fingerprint", ["", "a\x00b", "line\nbreak", "m" * 256, "é" * 128, None, 5])
+def test_invalid_fingerprint(fingerprint):
     with pytest.raises(InvalidKeyError):
-        validate_model(model)
+        validate_fingerprint(fingerprint)
     with pytest.raises(InvalidKeyError):
-        chunk_refs([1], namespace="ns", model=model, chunk_tokens=1)
+        chunk_refs([1], namespace="ns", fingerprint=fingerprint, chunk_tokens=1)
 
 
-def test_model_at_length_limit_is_valid():
-    assert validate_model("m" * 255) == "m" * 255
+def test_fingerprint_at_length_limit_is_valid():
+    assert validate_fingerprint("m" * 255) == "m" * 255
 
 
 @pytest.mark.parametrize("h", [b"", bytes(15), bytes(17), "0" * 16, bytearray(16)])

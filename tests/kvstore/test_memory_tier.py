@@ -195,7 +195,7 @@ def test_on_evict_sees_the_victim_before_its_memory_is_reused(chunk_factory, sam
         # The view must still hold the victim's own bytes (the new chunk is not copied in yet).
         seen.append((victim.key, victim.kv.clone(), victim.tokens.copy(), victim.start_pos))
 
-    tier.on_evict = on_evict
+    tier.watch_evictions(on_evict)
     for c in chunks:
         tier.put([c])
     assert [k for k, *_ in seen] == [c.key for c in chunks[:4]]
@@ -236,7 +236,7 @@ class MemoryTierMachine(RuleBasedStateMachine):
         super().__init__()
         self.chunks = chunks
         self.tier = MemoryTier(slots(N_SLOTS))
-        self.tier.on_evict = lambda c: self.evicted.append((c.key, c.kv.clone()))
+        self.tier.watch_evictions(lambda c: self.evicted.append((c.key, c.kv.clone())))
         self.evicted = []
         self.present: OrderedDict[int, int] = OrderedDict()  # key index -> pins, LRU order
         self.doomed: dict[int, int] = {}  # deleted while pinned: key index -> pins

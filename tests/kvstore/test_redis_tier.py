@@ -13,6 +13,7 @@ import torch
 
 from codec import make_codec
 from kvstore.chunk import Chunk
+from kvstore.errors import InvalidChunkError
 from kvstore.keys import chunk_refs
 from kvstore.store import TieredStore
 from kvstore.tiers import DiskTier, MemoryTier
@@ -24,7 +25,7 @@ SHAPE = (2, 2, CT, 2, 8)
 
 
 def chunks_for(n: int, seed: int = 0, namespace: str = "t") -> list[Chunk]:
-    refs = chunk_refs(np.arange(n * CT) + seed * 1_000_000, namespace=namespace, model="m", chunk_tokens=CT)
+    refs = chunk_refs(np.arange(n * CT) + seed * 1_000_000, namespace=namespace, fingerprint="m", chunk_tokens=CT)
     g = torch.Generator().manual_seed(seed)
     return [Chunk.from_ref(r, torch.randn(SHAPE, generator=g).to(torch.float16)) for r in refs]
 
@@ -89,6 +90,42 @@ def test_bad_value_is_a_miss_and_deleted(server, garbage):
     tier.close()
 
 
+def test_wrongly_shaped_out_is_the_callers_error_and_keeps_the_record(server):
+    # Regression: a caller's buffer that does not fit used to be taken for a bad record, and the valid,
+    # shared record was deleted from Redis.
+    tier = RedisTier(server.url, make_codec("zstd"))
+    cs = chunks_for(2)
+    tier.put(cs)
+    for bad in (torch.empty(2, 2, CT, 2, 4, dtype=torch.float16), torch.empty(SHAPE, dtype=torch.float32)):
+        with pytest.raises(InvalidChunkError):
+            tier.get([cs[0].key], [bad])
+    raw = redis.Redis.from_url(server.url)
+    assert raw.exists(f"kvs:t:{cs[0].key.hex()}")
+    assert tier.stats.corrupt == 0
+    got = tier.get([c.key for c in cs])
+    assert all(g is not None and torch.equal(g.kv, c.kv) for g, c in zip(got, cs))
+    tier.close()
+
+
+def test_records_move_between_byte_tiers_as_bytes(tmp_path, server):
+    disk = DiskTier(tmp_path / "d", 1 << 30, make_codec("zstd"), fsync=False)
+    cs = chunks_for(3)
+    disk.put(cs)
+    keys = [c.key for c in cs] + [chunks_for(1, seed=9)[0].key]
+    records = disk.get_bytes(keys)
+    assert records[-1] is None and all(isinstance(r, bytes) for r in records[:3])
+    tier = RedisTier(server.url, make_codec("raw"))  # another codec: the records keep their own
+    assert tier.put_bytes(keys[:3], records[:3]) == [True] * 3
+    assert tier.get_bytes(keys[:3]) == records[:3]  # the very bytes, never decoded and re-encoded
+    got = tier.get(keys[:3])
+    assert all(torch.equal(g.kv, c.kv) and np.array_equal(g.tokens, c.tokens) for g, c in zip(got, cs))
+    raw = redis.Redis.from_url(server.url)
+    raw.set(f"kvs:t:{cs[1].key.hex()}", records[0])  # a valid record under another key: not served
+    assert tier.get_bytes([cs[1].key]) == [None] and tier.stats.corrupt == 1
+    disk.close()
+    tier.close()
+
+
 def test_cluster_batches_span_slots(cluster):
     tier = RedisTier(cluster.url, make_codec("zstd"), cluster=True, prefix="kvsc:")
     cs = chunks_for(24, seed=3)
@@ -136,8 +173,8 @@ def test_store_survives_redis_killed_and_uses_it_again(tmp_path, server):
     # Local tiers keep answering; the dead remote costs bounded time and no exception.
     t = time.monotonic()
     tokens = np.arange(4 * CT)
-    assert store.lookup(tokens, model="m", namespace="t") == 4 * CT
-    got = store.get(store.chunk_refs(tokens, model="m", namespace="t"))
+    assert store.lookup(tokens, fingerprint="m", namespace="t") == 4 * CT
+    got = store.get(store.chunk_refs(tokens, fingerprint="m", namespace="t"))
     assert all(g is not None for g in got)
     more = chunks_for(3, seed=5)
     assert store.put(more) == [True] * 3

@@ -1,5 +1,5 @@
 """The sidecar service over real loopback sockets: round trips, tenants, limits, malformed input, the
-HTTP tier through a `TieredStore` (with the sidecar stopped and restarted), and a SIGKILLed server."""
+sidecar tier through a `TieredStore` (with the sidecar stopped and restarted), and a SIGKILLed server."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from kvstore.keys import chunk_refs
 from kvstore.record import decode_record, encode_record
 from kvstore.service import TokenTable, make_app
 from kvstore.store import TieredStore
-from kvstore.tiers import DiskTier, HttpTier, MemoryTier
+from kvstore.tiers import DiskTier, MemoryTier, SidecarTier
 from kvstore.wire import FRAME, key_to_json, record_path
 from benchmarks.servers import ServeProcess
 from tests.support.service import ServiceThread
@@ -33,8 +33,8 @@ TOKENS = {"tok-a": ["a"], "tok-b": ["b"], "tok-admin": ["*"],
 LIMITS = ServerConfig(max_body_bytes=64 << 10, max_batch_keys=8, request_timeout_s=5.0)
 
 
-def chunks_for(n: int, seed: int = 0, namespace: str = "a", model: str = "m") -> list[Chunk]:
-    refs = chunk_refs(np.arange(n * CT) + seed * 1_000_000, namespace=namespace, model=model, chunk_tokens=CT)
+def chunks_for(n: int, seed: int = 0, namespace: str = "a", fingerprint: str = "m") -> list[Chunk]:
+    refs = chunk_refs(np.arange(n * CT) + seed * 1_000_000, namespace=namespace, fingerprint=fingerprint, chunk_tokens=CT)
     g = torch.Generator().manual_seed(seed)
     return [Chunk.from_ref(r, torch.randn(SHAPE, generator=g).to(torch.float16)) for r in refs]
 
@@ -384,7 +384,7 @@ def test_garbage_records_are_400_and_change_nothing(store, a):
 
 
 def client_store(url: str, token: str = "tok-a", **kw) -> TieredStore:
-    remote = HttpTier(url, token, make_codec("zstd"), timeout=0.5, retry_after=0.5, **kw)
+    remote = SidecarTier(url, token, make_codec("zstd"), timeout=0.5, retry_after=0.5, **kw)
     return TieredStore([MemoryTier(64 * 2048), remote], chunk_tokens=CT)
 
 
@@ -398,8 +398,8 @@ def test_http_tier_round_trip_through_a_store(store, server):
     assert remote.contains([c.key for c in cs] + [chunks_for(1, seed=99)[0].key]) == [True] * 7 + [False]
     engine.tiers[0].clear()
     tokens = np.arange(7 * CT) + 11 * 1_000_000
-    assert engine.lookup(tokens, model="m", namespace="a") == 7 * CT
-    refs = engine.chunk_refs(tokens, model="m", namespace="a")
+    assert engine.lookup(tokens, fingerprint="m", namespace="a") == 7 * CT
+    refs = engine.chunk_refs(tokens, fingerprint="m", namespace="a")
     out = [torch.empty(SHAPE, dtype=torch.float16) for _ in refs]
     got = engine.get(refs, out)
     assert all(g is not None and g.kv is o and torch.equal(o, c.kv) for g, o, c in zip(got, out, cs))
@@ -431,7 +431,7 @@ def test_sidecar_stopped_costs_bounded_misses_then_recovers(store, server):
     engine.tiers[0].clear()
     t = time.monotonic()
     tokens = np.arange(3 * CT) + 13 * 1_000_000
-    assert engine.lookup(tokens, model="m", namespace="a") == 0
+    assert engine.lookup(tokens, fingerprint="m", namespace="a") == 0
     assert engine.get([c.key for c in cs]) == [None] * 3
     more = chunks_for(2, seed=14)
     assert engine.put(more) == [True, True]

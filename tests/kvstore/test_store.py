@@ -32,7 +32,7 @@ def make_store(tmp_path, mem_chunks: int = 64, write_through: bool = True, codec
 def prompt(store: TieredStore, n_chunks: int = 4, seed: int = 0, kv_factory=None):
     """(tokens, refs, chunks) of a prompt of n_chunks full chunks; KV deterministic per chunk."""
     tokens = (np.arange(n_chunks * CT) * 7 + seed * 100_000) % 32_000
-    refs = store.chunk_refs(tokens, model=MODEL)
+    refs = store.chunk_refs(tokens, fingerprint=MODEL)
     chunks = [Chunk.from_ref(r, kv_factory(SHAPE, torch.float16, seed=seed * 1000 + i)) for i, r in enumerate(refs)]
     return tokens, refs, chunks
 
@@ -49,20 +49,20 @@ def store(tmp_path):
 
 def test_lookup_prefix_semantics(store, kv_factory):
     tokens, refs, chunks = prompt(store, 4, kv_factory=kv_factory)
-    assert store.lookup(tokens, model=MODEL) == 0
+    assert store.lookup(tokens, fingerprint=MODEL) == 0
     store.put(chunks[:2])
-    assert store.lookup(tokens, model=MODEL) == 2 * CT  # partial hit
+    assert store.lookup(tokens, fingerprint=MODEL) == 2 * CT  # partial hit
     store.put(chunks[3:])
-    assert store.lookup(tokens, model=MODEL) == 2 * CT  # a gap stops the prefix
+    assert store.lookup(tokens, fingerprint=MODEL) == 2 * CT  # a gap stops the prefix
     store.put(chunks[2:3])
-    assert store.lookup(tokens, model=MODEL) == 4 * CT  # full hit
-    assert store.lookup(np.concatenate([tokens, [1, 2, 3]]), model=MODEL) == 4 * CT  # a partial tail never counts
-    assert store.lookup(tokens[: 3 * CT + 5], model=MODEL) == 3 * CT
+    assert store.lookup(tokens, fingerprint=MODEL) == 4 * CT  # full hit
+    assert store.lookup(np.concatenate([tokens, [1, 2, 3]]), fingerprint=MODEL) == 4 * CT  # a partial tail never counts
+    assert store.lookup(tokens[: 3 * CT + 5], fingerprint=MODEL) == 3 * CT
     for k in range(4):  # a changed token in chunk k: the hit ends at chunk k
         changed = tokens.copy()
         changed[k * CT + 3] += 1
-        assert store.lookup(changed, model=MODEL) == k * CT
-    assert store.lookup(tokens, model="model-b") == 0  # another model never matches
+        assert store.lookup(changed, fingerprint=MODEL) == k * CT
+    assert store.lookup(tokens, fingerprint="model-b") == 0  # another model never matches
     c = store.counters.snapshot()
     assert c["lookups"] == 11 and c["lookup_hit_tokens"] == (2 + 2 + 4 + 4 + 3 + 0 + 1 + 2 + 3) * CT
 
@@ -70,7 +70,7 @@ def test_lookup_prefix_semantics(store, kv_factory):
 def test_lookup_first_chunk_missing(store, kv_factory):
     tokens, _, chunks = prompt(store, 4, kv_factory=kv_factory)
     store.put(chunks[1:])
-    assert store.lookup(tokens, model=MODEL) == 0
+    assert store.lookup(tokens, fingerprint=MODEL) == 0
 
 
 def test_lookup_counts_chunks_only_on_disk(store, kv_factory):
@@ -79,16 +79,16 @@ def test_lookup_counts_chunks_only_on_disk(store, kv_factory):
     assert store.flush(10)
     store.tiers[0].delete([c.key for c in chunks[1:3]])  # chunks 1 and 2 now only on disk
     assert store.tiers[0].contains([c.key for c in chunks]) == [True, False, False, True]
-    assert store.lookup(tokens, model=MODEL) == 4 * CT
+    assert store.lookup(tokens, fingerprint=MODEL) == 4 * CT
     store.tiers[1].delete([chunks[2].key])
-    assert store.lookup(tokens, model=MODEL) == 2 * CT
+    assert store.lookup(tokens, fingerprint=MODEL) == 2 * CT
 
 
 def test_namespaces_are_disjoint(store, kv_factory):
     tokens, _, chunks = prompt(store, 2, kv_factory=kv_factory)
     store.put(chunks)
-    assert store.lookup(tokens, model=MODEL, namespace="default") == 2 * CT
-    assert store.lookup(tokens, model=MODEL, namespace="tenant-b") == 0
+    assert store.lookup(tokens, fingerprint=MODEL, namespace="default") == 2 * CT
+    assert store.lookup(tokens, fingerprint=MODEL, namespace="tenant-b") == 0
 
 
 # -- token verification --------------------------------------------------------------------------------
@@ -103,7 +103,7 @@ def test_poisoned_entry_is_a_miss(tmp_path, kv_factory, same_bits):
     wrong[0] += 1
     poisoned = Chunk(refs[1].key, chunks[1].kv, wrong, refs[1].start)
     store.put([chunks[0], poisoned, chunks[2]])
-    assert store.lookup(tokens, model=MODEL) == CT  # the memory tier compares token ids
+    assert store.lookup(tokens, fingerprint=MODEL) == CT  # the memory tier compares token ids
     got = store.get(refs)
     assert got[1] is None
     assert same_bits(got[0].kv, chunks[0].kv) and same_bits(got[2].kv, chunks[2].kv)
@@ -196,7 +196,7 @@ def test_demotion_on_eviction_without_write_through(tmp_path, kv_factory, same_b
     # demotions are written every chunk is in some tier.
     assert store.flush(10)
     assert store.counters.demotions == 5
-    assert store.lookup(tokens, model=MODEL) == 5 * CT
+    assert store.lookup(tokens, fingerprint=MODEL) == 5 * CT
     store.close()
 
 
@@ -217,7 +217,7 @@ def test_demoted_chunk_stays_visible_until_written(tmp_path, kv_factory, same_bi
     tokens, refs, chunks = prompt(store, 3, kv_factory=kv_factory)
     store.put(chunks)  # chunk 0 is evicted; its write-back waits at the gate
     assert mem.contains([chunks[0].key]) == [False] and disk.contains([chunks[0].key]) == [False]
-    assert store.lookup(tokens, model=MODEL) == 3 * CT
+    assert store.lookup(tokens, fingerprint=MODEL) == 3 * CT
     out = torch.empty(SHAPE, dtype=torch.float16)
     got = store.get([refs[0]], [out])[0]
     assert got is not None and same_bits(out, chunks[0].kv)
@@ -254,12 +254,12 @@ def test_delete_and_clear(store, kv_factory):
 
 def test_clear_one_namespace(store, kv_factory):
     tokens, _, chunks = prompt(store, 2, kv_factory=kv_factory)
-    other_refs = store.chunk_refs(tokens, model=MODEL, namespace="other")
+    other_refs = store.chunk_refs(tokens, fingerprint=MODEL, namespace="other")
     others = [Chunk.from_ref(r, c.kv) for r, c in zip(other_refs, chunks)]
     store.put(chunks + others)
     assert store.clear("other") == 4  # two chunks, in both tiers
-    assert store.lookup(tokens, model=MODEL, namespace="other") == 0
-    assert store.lookup(tokens, model=MODEL) == 2 * CT
+    assert store.lookup(tokens, fingerprint=MODEL, namespace="other") == 0
+    assert store.lookup(tokens, fingerprint=MODEL) == 2 * CT
     assert store.tiers[1].contains([c.key for c in chunks]) == [True, True]
 
 
@@ -357,7 +357,7 @@ def test_failing_slow_tier_costs_misses(tmp_path, kv_factory, same_bits):
     assert store.flush(10)
     assert store.counters.async_failures == 4  # the writer's contains failed; counted, not raised
     store.tiers[0].delete([chunks[2].key])
-    assert store.lookup(tokens, model=MODEL) == 2 * CT
+    assert store.lookup(tokens, fingerprint=MODEL) == 2 * CT
     got = store.get(refs)
     assert got[2] is None and all(same_bits(got[i].kv, chunks[i].kv) for i in (0, 1, 3))
     assert store.contains([c.key for c in chunks]) == [True, True, False, True]
@@ -370,7 +370,7 @@ def test_failing_fast_tier_falls_through_to_disk(tmp_path, kv_factory, same_bits
     tokens, refs, chunks = prompt(store, 3, kv_factory=kv_factory)
     store.put(chunks)
     assert store.flush(10)
-    assert store.lookup(tokens, model=MODEL) == 3 * CT  # answered by the disk tier
+    assert store.lookup(tokens, fingerprint=MODEL) == 3 * CT  # answered by the disk tier
     got = store.get(refs)
     assert all(g is not None and same_bits(g.kv, c.kv) for g, c in zip(got, chunks))
     assert store.counters.tier_failures == 2

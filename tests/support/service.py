@@ -1,7 +1,7 @@
 """Real sidecar servers for the tests, on free loopback ports.
 
 - `ServiceThread`: an aiohttp app from `kvstore.service.make_app` served on its own event loop in a
-  thread (a real socket, so synchronous clients such as `HttpTier` can call it from the test thread);
+  thread (a real socket, so synchronous clients such as `SidecarTier` can call it from the test thread);
   stop and start it again on the same port to play a sidecar that goes away and comes back.
 (`ServeProcess`, `kvstore serve` in a subprocess, lives in `benchmarks.servers` beside the Redis servers.)
 """

@@ -1,10 +1,11 @@
-"""Sidecar tier: another `kvstore serve` over HTTP (see `kvstore.service`, docs/SERVICE.md).
+"""Sidecar tier: the client of a `kvstore serve` sidecar over HTTP (see `kvstore.service`, docs/SERVICE.md).
 
 Every call is one request per batch of up to `max_batch_keys` keys on a pooled keep-alive connection:
-`contains` -> `batch_contains`, `get` -> `batch_get` (a stream of length-prefixed records, decoded one at
-a time), `put` -> `batch_put` (the same framing), `delete` -> `batch_delete`. Records travel in the
-record format with `codec` and are checked on arrival like any other byte tier: header and payload
-checksums, and the key in the record against the key asked for; a bad one is a miss, counted as corrupt.
+`contains` -> `batch_contains`, `get` -> `batch_get` (a stream of length-prefixed records, checked and
+decoded one at a time as they arrive), `put` -> `batch_put` (the same framing), `delete` ->
+`batch_delete`. Records travel in the record format with `codec` and are checked on arrival like in any
+byte tier (`ByteTier`): header and payload checksums, and the key in the record against the key asked
+for; a bad one is a miss, counted as corrupt.
 
 Degrade, don't fail: every request has a timeout. When the sidecar is unreachable, too slow, answers 5xx
 or rejects the token, the tier marks itself down for `retry_after` seconds: meanwhile `contains`/`get`
@@ -19,7 +20,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 from urllib.parse import quote
 
 import urllib3
@@ -27,11 +29,11 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
 from codec import Codec
-from kvstore.chunk import Chunk
-from kvstore.errors import InvalidChunkError, RecordError, TierError
+from kvstore.errors import TierError
 from kvstore.keys import ChunkKey
-from kvstore.record import DEFAULT_MAX_KV_BYTES, decode_payload, encode_record, parse_header
-from kvstore.tiers.base import RemoteTier, TierStats, TierUsage, Timer
+from kvstore.record import DEFAULT_MAX_KV_BYTES
+from kvstore.tiers.base import TierUsage
+from kvstore.tiers.byte_tier import RecordParts, RemoteTier
 from kvstore.wire import FRAME, key_to_json
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ class _Unavailable(Exception):
     """The sidecar could not serve a request (network, timeout, 5xx, auth, a short stream)."""
 
 
-class HttpTier(RemoteTier):
+class SidecarTier(RemoteTier):
 
     def __init__(
         self,
@@ -63,14 +65,8 @@ class HttpTier(RemoteTier):
             raise TierError(f"sidecar URL {base_url!r} does not parse: {e}") from None
         if url.scheme not in ("http", "https") or not url.host:
             raise TierError(f"sidecar URL must be http(s)://host[:port], got {base_url!r}")
-        self.name = name
-        self.url = base_url
-        self.codec = codec
-        self.retry_after = retry_after
+        super().__init__(name, base_url, codec, retry_after=retry_after, max_kv_bytes=max_kv_bytes)
         self.max_batch_keys = max_batch_keys
-        self.max_kv_bytes = max_kv_bytes
-        self.stats = TierStats()
-        self.on_evict = None
         self._prefix = (url.path or "").rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._timeout = urllib3.Timeout(connect=timeout, read=timeout)
@@ -151,7 +147,7 @@ class HttpTier(RemoteTier):
         if not keys or not self.available():
             return [False] * len(keys)
         found: list[bool] = []
-        try:
+        with self._call("contains"):
             for start in self._groups(keys):
                 group = keys[start : start + self.max_batch_keys]
                 resp = self._request("POST", "/v1/records:batch_contains", json_body=[key_to_json(k) for k in group], read_only=True)
@@ -159,129 +155,72 @@ class HttpTier(RemoteTier):
                 if not isinstance(present, list) or len(present) != len(group):
                     raise _Unavailable("batch_contains answered the wrong number of keys")
                 found += [bool(p) for p in present]
-        except _Unavailable as e:
-            self._failed("contains", e)
-        except TierError as e:
-            self._refused("contains", e)
         return found + [False] * (len(keys) - len(found))
 
-    def get(self, keys: Sequence[ChunkKey], out=None) -> list[Chunk | None]:
-        if not keys:
-            return []
-        if not self.available():
-            self.stats.add(misses=len(keys))
-            return [None] * len(keys)
-        results: list[Chunk | None] = [None] * len(keys)
-        nbytes = corrupt = 0
-        with Timer() as t:
-            try:
-                for start in self._groups(keys):
-                    group = keys[start : start + self.max_batch_keys]
-                    resp = self._request("POST", "/v1/records:batch_get", json_body=[key_to_json(k) for k in group],
-                                         read_only=True, stream=True)
-                    clean = False
-                    try:
-                        for j, key in enumerate(group):
-                            (n,) = FRAME.unpack(self._read_exact(resp, FRAME.size))
-                            if n == 0:
-                                continue
-                            if n > 2 * self.max_kv_bytes + (1 << 20):
-                                raise _Unavailable(f"record frame of {n} bytes is implausible")
-                            data = self._read_exact(resp, n)
-                            i = start + j
-                            try:
-                                results[i] = self._decode(data, key, out[i] if out is not None else None)
-                                nbytes += n
-                            except RecordError as e:
-                                corrupt += 1
-                                log.warning("sidecar tier: bad record for %s: %s", key, e)
-                        if resp.read(1):
-                            raise _Unavailable("record stream is longer than the keys asked for")
-                        clean = True
-                    finally:
-                        if not clean:
-                            resp.close()  # unread bytes on the connection: never reuse it
-                        resp.release_conn()
-            except _Unavailable as e:
-                self._failed("get", e)
-            except TierError as e:
-                self._refused("get", e)
-        hits = sum(c is not None for c in results)
-        self.stats.add(hits=hits, misses=len(keys) - hits, corrupt=corrupt, bytes_read=nbytes, get_calls=1, get_seconds=t.seconds)
-        return results
+    def _sources(self, keys: Sequence[ChunkKey]) -> Iterator[tuple[int, bytes, int]]:
+        """Each group's records as the stream delivers them: one record in memory at a time."""
+        with self._call("get"):
+            for start in self._groups(keys):
+                group = keys[start : start + self.max_batch_keys]
+                resp = self._request("POST", "/v1/records:batch_get", json_body=[key_to_json(k) for k in group],
+                                     read_only=True, stream=True)
+                clean = False
+                try:
+                    for j in range(len(group)):
+                        (n,) = FRAME.unpack(self._read_exact(resp, FRAME.size))
+                        if n == 0:
+                            continue
+                        if n > 2 * self.max_kv_bytes + (1 << 20):
+                            raise _Unavailable(f"record frame of {n} bytes is implausible")
+                        yield start + j, self._read_exact(resp, n), n
+                    if resp.read(1):
+                        raise _Unavailable("record stream is longer than the keys asked for")
+                    clean = True
+                finally:
+                    if not clean:
+                        resp.close()  # unread bytes on the connection: never reuse it
+                    resp.release_conn()
 
-    def _decode(self, data: bytes, key: ChunkKey, out) -> Chunk:
-        view = memoryview(data)
-        header = parse_header(view, self.max_kv_bytes)
-        if header.key != key:
-            raise RecordError(f"record holds {header.key}, not {key}")
-        if len(view) != header.record_len:
-            raise RecordError(f"record has {len(view)} bytes, header says {header.record_len}")
-        if out is not None and (tuple(out.shape) != header.shape or out.dtype != header.dtype):
-            raise InvalidChunkError(f"output buffer {tuple(out.shape)} {out.dtype} does not fit record {header.shape} {header.dtype}")
-        target = out if out is None or (out.device.type == "cpu" and out.is_contiguous()) else None
-        chunk = decode_payload(header, view[header.header_len :], target)
-        if out is not None and target is None:
-            out.copy_(chunk.kv)
-            chunk = Chunk(chunk.key, out, chunk.tokens, chunk.start_pos)
-        return chunk
-
-    def put(self, chunks: Sequence[Chunk]) -> list[bool]:
-        if not chunks:
-            return []
-        if not self.available():
-            self.stats.add(put_rejected=len(chunks))
-            return [False] * len(chunks)
+    def _write(self, keys: Sequence[ChunkKey], records: Sequence[RecordParts]) -> tuple[list[bool], int, int]:
         ok: list[bool] = []
         nbytes = 0
-        with Timer() as t:
-            try:
-                for start in self._groups(chunks):
-                    group = chunks[start : start + self.max_batch_keys]
-                    parts = []
-                    for c in group:
-                        header, payload = encode_record(c, self.codec)
-                        parts += [FRAME.pack(len(header) + len(payload)), header, payload]
-                    body = b"".join(parts)
-                    resp = self._request("POST", "/v1/records:batch_put", body=body, read_only=False, timeout=self._put_timeout)
-                    results = self._json(resp).get("results")
-                    if not isinstance(results, list) or len(results) != len(group):
-                        raise _Unavailable("batch_put answered the wrong number of records")
-                    ok += [r in ("created", "present") for r in results]
-                    nbytes += len(body)
-            except _Unavailable as e:
-                self._failed("put", e)
-            except TierError as e:
-                self._refused("put", e)
-        ok += [False] * (len(chunks) - len(ok))
-        stored = sum(ok)
-        self.stats.add(puts=stored, put_rejected=len(chunks) - stored, bytes_written=nbytes, put_calls=1, put_seconds=t.seconds)
-        return ok
+        with self._call("put"):
+            for start in self._groups(keys):
+                group = records[start : start + self.max_batch_keys]
+                parts = []
+                for record in group:
+                    parts += [FRAME.pack(sum(len(p) for p in record)), *record]
+                body = b"".join(parts)
+                resp = self._request("POST", "/v1/records:batch_put", body=body, read_only=False, timeout=self._put_timeout)
+                results = self._json(resp).get("results")
+                if not isinstance(results, list) or len(results) != len(group):
+                    raise _Unavailable("batch_put answered the wrong number of records")
+                ok += [r in ("created", "present") for r in results]
+                nbytes += len(body)
+        return ok + [False] * (len(keys) - len(ok)), sum(ok), nbytes
 
     def delete(self, keys: Sequence[ChunkKey]) -> int:
         if not keys or not self.available():
             return 0
         deleted = 0
-        try:
+        with self._call("delete"):
             for start in self._groups(keys):
                 group = keys[start : start + self.max_batch_keys]
                 resp = self._request("POST", "/v1/records:batch_delete", json_body=[key_to_json(k) for k in group], read_only=False)
                 deleted += int(self._json(resp).get("deleted", 0))
-        except _Unavailable as e:
-            self._failed("delete", e)
-        except TierError as e:
-            self._refused("delete", e)
         return deleted
 
-    def _refused(self, what: str, e: Exception) -> None:
-        self.stats.add(errors=1)
-        log.warning("sidecar tier %s: %s", self.url, e)
-
-    def pin(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        return [False] * len(keys)
-
-    def unpin(self, keys: Sequence[ChunkKey]) -> None:
-        return None
+    @contextmanager
+    def _call(self, what: str) -> Iterator[None]:
+        """Around the requests of one call: the sidecar unavailable marks the tier down; a request it
+        refuses (400, 413) is counted and logged, and the tier stays up."""
+        try:
+            yield
+        except _Unavailable as e:
+            self._failed(what, e)
+        except TierError as e:
+            self.stats.add(errors=1)
+            log.warning("sidecar tier %s: %s", self.url, e)
 
     def usage(self) -> TierUsage:
         """Not reported: the sidecar's usage is on its own /metrics."""
@@ -295,13 +234,9 @@ class HttpTier(RemoteTier):
             return 0
         if not self.available():
             return 0
-        try:
+        with self._call("clear"):
             resp = self._request("DELETE", f"/v1/namespaces/{quote(namespace, safe='')}", read_only=False)
             return int(self._json(resp).get("removed", 0))
-        except _Unavailable as e:
-            self._failed("clear", e)
-        except TierError as e:
-            self._refused("clear", e)
         return 0
 
     def close(self) -> None:

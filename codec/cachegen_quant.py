@@ -1,0 +1,276 @@
+"""The quantizer of the `cachegen` codec: levels, step sizes, symbols, value tables, per-chunk tables.
+
+Quantization (per chunk, per layer and K/V, `lk = layer * 2 + kv`):
+    step[lk, c] = max(alpha[lk] * rms(kv[lk]), max|kv[lk, :, c]| / M), rounded up to a bfloat16
+    sym[lk, t, c] = round(kv[lk, t, c] / step[lk, c]) + M          in [0, 2M]
+One step size per layer and K/V (an absolute step for every channel) measured better than per-channel
+relative steps on the shipped model: the same error for fewer bits and better next-token fidelity (see
+docs/CODEC.md); the `max|.| / M` floor only widens the step of a channel whose outliers would not fit the
+alphabet. Every element's error is at most step / 2 (plus the output dtype's rounding).
+`alpha` depends on the level, on K vs V, and on the layer (the first quarter of layers is finer).
+
+Primitives: `steps` and `quantize` (KV -> step sizes, symbols), `count_symbols` (a codebook's profile),
+`dequantize_values` (symbol -> output bits, the decoders' table), `pack_tables` / `unpack_tables` /
+`chunk_tables` (the per-chunk frequency tables of a chunk without a codebook). The loops over elements
+are numba kernels.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import zstandard
+from numba import njit, prange
+
+from codec import rans
+from codec.base import CodecError
+from codec.rans import _load, _symbol
+
+_OUT_BITS = {torch.float16: (torch.int16, np.uint16), torch.bfloat16: (torch.int16, np.uint16), torch.float32: (torch.int32, np.uint32)}
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    """One cachegen level: alphabet half-width M and the step, in units of the layer's RMS."""
+
+    m: int
+    alpha_k: float
+    alpha_v: float
+    early_factor: float  # multiplies alpha in the first quarter of the layers
+
+    @property
+    def alphabet(self) -> int:
+        return 2 * self.m + 1
+
+    def alphas(self, layers: int) -> np.ndarray:
+        """[L * 2] float32: alpha of each (layer, K/V)."""
+        early = max(1, layers // 4)
+        a = np.empty(layers * 2, dtype=np.float32)
+        for layer in range(layers):
+            f = self.early_factor if layer < early else 1.0
+            a[2 * layer], a[2 * layer + 1] = self.alpha_k * f, self.alpha_v * f
+        return a
+
+
+LEVELS: dict[int, Level] = {
+    1: Level(m=31, alpha_k=1.0, alpha_v=1.4, early_factor=0.7),
+    2: Level(m=63, alpha_k=0.5, alpha_v=0.7, early_factor=0.7),
+    3: Level(m=127, alpha_k=0.22, alpha_v=0.3, early_factor=0.7),
+}
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _stats(x16, x32, lut16, n_tok, n_chan, sumsq, maxabs):  # pragma: no cover - numba
+    """input [LK * T * C] (see `rans._load`) -> sumsq [LK] float64, maxabs [LK * C] float32 (zeroed by the
+    caller)."""
+    for lk in prange(sumsq.shape[0]):
+        ss = 0.0
+        for t in range(n_tok):
+            base = (lk * n_tok + t) * n_chan
+            for c in range(n_chan):
+                v = _load(x16, x32, lut16, base + c)
+                ss += np.float64(v) * v
+                a = abs(v)
+                if not a <= maxabs[lk * n_chan + c]:  # also propagates NaN
+                    maxabs[lk * n_chan + c] = a
+        sumsq[lk] = ss
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _quantize(x16, x32, lut16, n_tok, n_chan, step, m, sym):  # pragma: no cover - numba
+    """input [LK * T * C], step [LK * C] float32 -> sym [LK * T * C] uint8 in [0, 2m] (the same rule
+    as the fused encoder, `rans._symbol`)."""
+    n_lk = step.shape[0] // n_chan
+    for lk in prange(n_lk):
+        for t in range(n_tok):
+            base = (lk * n_tok + t) * n_chan
+            for c in range(n_chan):
+                sym[base + c] = np.uint8(_symbol(_load(x16, x32, lut16, base + c), step[lk * n_chan + c], m))
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _count(sym, n_tok, n_chan, alphabet, counts):  # pragma: no cover - numba
+    """sym [LK * T * C] -> counts [LK * C, alphabet] += occurrences."""
+    n_lk = counts.shape[0] // n_chan
+    for lk in prange(n_lk):
+        for t in range(n_tok):
+            base = (lk * n_tok + t) * n_chan
+            for c in range(n_chan):
+                counts[lk * n_chan + c, sym[base + c]] += 1
+
+
+@njit(inline="always")
+def _f32_to_f16(u):  # pragma: no cover - numba
+    """float32 bits -> float16 bits, round to nearest even (as torch's .to(float16))."""
+    sign = (u >> 16) & 0x8000
+    a = u & 0x7FFFFFFF
+    if a >= 0x7F800000:
+        return sign | (0x7E00 if a > 0x7F800000 else 0x7C00)
+    if a >= 0x477FF000:  # rounds to >= 2**16: infinity
+        return sign | 0x7C00
+    if a < 0x38800000:  # below float16's smallest normal: a subnormal (or zero)
+        e = a >> 23
+        sh = 126 - e
+        if sh > 24:
+            return sign
+        mant = (a & 0x7FFFFF) | 0x800000
+        q = mant >> sh
+        r = mant & ((1 << sh) - 1)
+        half = 1 << (sh - 1)
+        if r > half or (r == half and (q & 1) == 1):
+            q += 1
+        return sign | q
+    a = a - 0x38000000 + 0xFFF + ((a >> 13) & 1)
+    return sign | (a >> 13)
+
+
+@njit(inline="always")
+def _f32_to_bf16(u):  # pragma: no cover - numba
+    """float32 bits -> bfloat16 bits, round to nearest even (as torch's .to(bfloat16))."""
+    if (u & 0x7FFFFFFF) > 0x7F800000:
+        return (u >> 16) | 0x40
+    return (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _value_table(step, m, kind, vals32, vals16):  # pragma: no cover - numba
+    """step [N] float32 -> vals32 [N, A] float32 = (s - m) * step (exact: an 8-bit integer times a
+    bfloat16), and for kind 1 / 2 (float16 / bfloat16 output) vals16 [N, A] their bits."""
+    bits = vals32.view(np.uint32)
+    a = vals32.shape[1]
+    for i in prange(vals32.shape[0]):
+        for s in range(a):
+            vals32[i, s] = np.float32(s - m) * step[i]
+        if kind == 1:
+            for s in range(a):
+                vals16[i, s] = _f32_to_f16(np.int64(bits[i, s]))
+        elif kind == 2:
+            for s in range(a):
+                vals16[i, s] = _f32_to_bf16(np.int64(bits[i, s]))
+
+
+def _bf16_up(step: np.ndarray) -> np.ndarray:
+    """float32 steps -> bfloat16 bits (uint16), rounded up so that no symbol leaves the alphabet."""
+    bits = step.astype(np.float32).view(np.uint32).astype(np.uint64)
+    return ((bits + 0xFFFF) >> 16).astype(np.uint16)
+
+
+def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _input(kv: torch.Tensor) -> tuple[np.ndarray, str]:
+    """kv (CPU) -> (flat array, kind): float32 values ("f32"), or float16 / bfloat16 bits as uint16
+    ("f16" / "bf16"), without a conversion pass."""
+    kv = kv.detach()
+    if kv.dtype in (torch.float16, torch.bfloat16):
+        bits = kv.contiguous().view(torch.int16).reshape(-1).numpy().view(np.uint16)
+        return bits, ("f16" if kv.dtype == torch.float16 else "bf16")
+    return kv.to(torch.float32).contiguous().reshape(-1).numpy(), "f32"
+
+
+def steps(kv: torch.Tensor, level: Level) -> tuple[np.ndarray, str, np.ndarray, np.ndarray]:
+    """kv [L, 2, T, H, D] (CPU) -> (input, kind, step [L * 2 * C] float32, step bits uint16)."""
+    layers, _, n_tok = kv.shape[:3]
+    n_chan = kv.shape[3] * kv.shape[4]
+    x, kind = _input(kv)
+    sumsq = np.zeros(layers * 2, dtype=np.float64)
+    maxabs = np.zeros(layers * 2 * n_chan, dtype=np.float32)
+    _stats(*rans.kernel_input(x, kind), n_tok, n_chan, sumsq, maxabs)
+    if not (np.isfinite(sumsq).all() and np.isfinite(maxabs).all()):
+        raise CodecError("cachegen cannot encode KV with non-finite values")
+    rms = np.sqrt(sumsq / (n_tok * n_chan)).astype(np.float32)
+    step = np.maximum(np.repeat(level.alphas(layers) * rms, n_chan), maxabs / np.float32(level.m))
+    step = np.where(step > 0, step, np.float32(1.0)).astype(np.float32)  # an all-zero channel codes zeros
+    bits = _bf16_up(step)
+    step = _bf16_to_f32(bits)
+    if not np.isfinite(step).all():
+        raise CodecError("cachegen cannot encode KV this large (step size overflows bfloat16)")
+    return x, kind, step, bits
+
+
+def quantize(kv: torch.Tensor, level: Level) -> tuple[np.ndarray, np.ndarray]:
+    """kv [L, 2, T, H, D] (CPU) -> (symbols [L * 2, T, C] uint8, step bits [L * 2 * C] uint16)."""
+    layers, _, n_tok = kv.shape[:3]
+    n_chan = kv.shape[3] * kv.shape[4]
+    x, kind, step, bits = steps(kv, level)
+    sym = np.empty(x.size, dtype=np.uint8)
+    _quantize(*rans.kernel_input(x, kind), n_tok, n_chan, step, level.m, sym)
+    return sym.reshape(layers * 2, n_tok, n_chan), bits
+
+
+def count_symbols(kv: torch.Tensor, level: Level, counts: np.ndarray | None = None) -> np.ndarray:
+    """Add one chunk's symbol counts to counts [L * 2 * C, A] (int64): the profile of a codebook."""
+    sym, _ = quantize(kv, level)
+    n_lk, n_tok, n_chan = sym.shape
+    if counts is None:
+        counts = np.zeros((n_lk * n_chan, level.alphabet), dtype=np.int64)
+    _count(sym.reshape(-1), n_tok, n_chan, level.alphabet, counts)
+    return counts
+
+
+_OUT_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_vals_buf = threading.local()  # per-thread value tables, reused across calls of the same shape
+
+
+def dequantize_values(step_bits: np.ndarray, level: Level, dtype: torch.dtype) -> np.ndarray:
+    """[N] step bits -> [N, A] the output element's bits for each symbol (uint16 or uint32).
+
+    The returned array is a per-thread buffer, valid until this thread's next call."""
+    n, a = step_bits.size, level.alphabet
+    buf = getattr(_vals_buf, "buf", None)
+    if buf is None or buf[0].shape != (n, a):
+        buf = _vals_buf.buf = (np.empty((n, a), dtype=np.float32), np.empty((n, a), dtype=np.uint16))
+    kind = _OUT_KIND[dtype]
+    _value_table(rans._BF16_LUT[step_bits], level.m, kind, buf[0], buf[1])
+    return buf[0].view(np.uint32) if kind == 0 else buf[1]
+
+
+# ---- per-chunk tables (the fallback when no codebook exists) ----
+
+def pack_tables(freq: np.ndarray) -> bytes:
+    """freq [N, A] (zeros outside each row's [lo, hi]) -> zstd(lo | hi | freq[lo..hi] per row)."""
+    nz = freq > 0
+    a = freq.shape[1]
+    lo = np.argmax(nz, axis=1)
+    hi = a - 1 - np.argmax(nz[:, ::-1], axis=1)
+    idx = np.arange(a)[None, :]
+    inside = (idx >= lo[:, None]) & (idx <= hi[:, None])
+    blob = lo.astype(np.uint8).tobytes() + hi.astype(np.uint8).tobytes() + freq[inside].astype("<u2").tobytes()
+    return zstandard.ZstdCompressor(level=3).compress(blob)
+
+
+def unpack_tables(data: memoryview, n: int, a: int) -> rans.CodingTables:
+    bound = 2 * n + 2 * n * a
+    try:
+        blob = zstandard.ZstdDecompressor().decompress(data, max_output_size=bound)
+    except zstandard.ZstdError as e:
+        raise CodecError(f"corrupt per-chunk tables: {e}") from None
+    if len(blob) < 2 * n:
+        raise CodecError("per-chunk tables are truncated")
+    lo = np.frombuffer(blob, dtype=np.uint8, count=n).astype(np.int64)
+    hi = np.frombuffer(blob, dtype=np.uint8, count=n, offset=n).astype(np.int64)
+    if np.any(hi >= a) or np.any(lo > hi):
+        raise CodecError("per-chunk tables have symbol ranges outside the alphabet")
+    width = hi - lo + 1
+    if len(blob) != 2 * n + 2 * int(width.sum()):
+        raise CodecError("per-chunk tables have the wrong size")
+    idx = np.arange(a)[None, :]
+    inside = (idx >= lo[:, None]) & (idx <= hi[:, None])
+    freq = np.zeros((n, a), dtype=np.uint32)
+    freq[inside] = np.frombuffer(blob, dtype="<u2", offset=2 * n)
+    try:
+        return rans.CodingTables.from_freqs(freq)
+    except ValueError as e:
+        raise CodecError(f"per-chunk tables: {e}") from None
+
+
+def chunk_tables(sym: np.ndarray, level: Level) -> np.ndarray:
+    """symbols [LK, T, C] -> exact per-chunk frequency tables [LK * C, A]."""
+    n_lk, n_tok, n_chan = sym.shape
+    counts = np.zeros((n_lk * n_chan, level.alphabet), dtype=np.int64)
+    _count(sym.reshape(-1), n_tok, n_chan, level.alphabet, counts)
+    return rans.normalize_freqs(counts, floor=False)
