@@ -7,9 +7,11 @@ cluster the keys spread over slots and redis-py routes each command of a pipelin
 Degrade, don't fail (`RemoteTier`): every call has a socket timeout. When Redis is unreachable or too
 slow the tier marks itself down for `retry_after` seconds: meanwhile `contains`/`get` answer misses at
 once and `put` drops its chunks (counted in `stats.errors`), so the engine recomputes instead of waiting.
-The first call after the pause tries again; redis-py reconnects by itself. A value that fails a check
-is a miss and is deleted (a caller's buffer that does not fit is the caller's error, and deletes
-nothing). Pins are local: Redis evicts by its own `maxmemory-policy`, so `pin` answers False.
+The first call after the pause tries again; redis-py reconnects by itself. An error Redis answers for
+one command of a pipeline (a key of another type under our prefix: WRONGTYPE) is that key's alone: it
+is a miss, counted as corrupt, and the key is deleted, while the rest of the batch is served. A value
+that fails a check is a miss and is deleted too (a caller's buffer that does not fit is the caller's
+error, and deletes nothing). Pins are local: Redis evicts by its own `maxmemory-policy`, so `pin` answers False.
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from codec import Codec
-from kvstore.errors import TierError
+from kvstore.errors import RecordError, TierError
 from kvstore.keys import ChunkKey
 from kvstore.record import DEFAULT_MAX_KV_BYTES
 from kvstore.tiers.base import TierUsage
-from kvstore.tiers.byte_tier import RecordParts, RemoteTier
+from kvstore.tiers.byte_tier import RecordBytes, RecordParts, RemoteTier
 
 
 class RedisTier(RemoteTier):
@@ -59,24 +61,36 @@ class RedisTier(RemoteTier):
         return f"{self.prefix}{key.namespace}:{key.hex()}"
 
     def _pipelined(self, what: str, items: Iterable, command: Callable[[Any, Any], None]) -> list | None:
-        """One pipelined command per item (one round trip per node); None when Redis failed (the tier
-        then counts as down)."""
+        """One pipelined command per item (one round trip per node): each item's answer, or the
+        `ResponseError` Redis gave for that item alone; None when Redis failed (the tier then counts as down)."""
         try:
             pipe = self.client.pipeline(transaction=False)
             for item in items:
                 command(pipe, item)
-            return pipe.execute()
+            return pipe.execute(raise_on_error=False)
         except RedisError as e:
             self._failed(what, e)
             return None
 
     # -- records -------------------------------------------------------------------------------------
 
-    def _sources(self, keys: Sequence[ChunkKey]) -> Iterator[tuple[int, bytes, int]]:
+    def _sources(self, keys: Sequence[ChunkKey]) -> Iterator[tuple[int, bytes | ResponseError, int]]:
         values = self._pipelined("get", map(self._name, keys), lambda pipe, name: pipe.get(name))
         for i, value in enumerate(values or ()):
             if value is not None:
-                yield i, value, len(value)
+                yield i, value, len(value) if isinstance(value, bytes) else 0
+
+    @staticmethod
+    def _value(source: bytes | ResponseError) -> bytes:
+        if isinstance(source, ResponseError):  # e.g. WRONGTYPE: not a record, whatever it is
+            raise RecordError(f"Redis answered an error for this key: {source}")
+        return source
+
+    def _read(self, source, key, out):
+        return super()._read(self._value(source), key, out)
+
+    def _hold(self, source, size: int) -> RecordBytes | None:
+        return RecordBytes(size, data=self._value(source))
 
     def _write(self, keys: Sequence[ChunkKey], records: Sequence[RecordParts]) -> tuple[list[bool], int, int]:
         values = [b"".join(parts) for parts in records]  # one buffer per value: what redis-py sends anyway
@@ -85,7 +99,9 @@ class RedisTier(RemoteTier):
                                lambda pipe, item: pipe.set(item[0], item[1], ex=self.ttl, nx=True))
         if done is None:
             return [False] * len(keys), 0, 0
-        return [True] * len(keys), len(keys), sum(len(v) for v in values)
+        ok = [not isinstance(r, Exception) for r in done]  # None: present already (NX)
+        stored = [r is True for r in done]
+        return ok, sum(stored), sum(len(v) for v, s in zip(values, stored) if s)
 
     def _discard(self, key: ChunkKey, source: bytes, reason: str) -> None:
         self.delete([key])
@@ -96,7 +112,7 @@ class RedisTier(RemoteTier):
         if not keys or not self.available():
             return [False] * len(keys)
         found = self._pipelined("contains", map(self._name, keys), lambda pipe, name: pipe.exists(name))
-        return [bool(n) for n in found] if found is not None else [False] * len(keys)
+        return [n is not None and not isinstance(n, Exception) and bool(n) for n in found] if found is not None else [False] * len(keys)
 
     def delete(self, keys: Sequence[ChunkKey]) -> int:
         if not keys or not self.available():
@@ -104,7 +120,8 @@ class RedisTier(RemoteTier):
         return self._delete_names("delete", map(self._name, keys))
 
     def _delete_names(self, what: str, names: Iterable[str]) -> int:
-        return sum(self._pipelined(what, names, lambda pipe, name: pipe.delete(name)) or ())
+        done = self._pipelined(what, names, lambda pipe, name: pipe.delete(name)) or ()
+        return sum(n for n in done if isinstance(n, int))
 
     def usage(self) -> TierUsage:
         """Redis's own memory figures (the tier shares the server with whatever else is in it)."""

@@ -112,16 +112,20 @@ def test_records_move_between_byte_tiers_as_bytes(tmp_path, server):
     cs = chunks_for(3)
     disk.put(cs)
     keys = [c.key for c in cs] + [chunks_for(1, seed=9)[0].key]
-    records = disk.get_bytes(keys)
-    assert records[-1] is None and all(isinstance(r, bytes) for r in records[:3])
+    held = disk.get_bytes(keys)
+    assert held[-1] is None
+    records = [bytes(r.read()) for r in held[:3]]
+    for r in held[:3]:
+        r.close()
     tier = RedisTier(server.url, make_codec("raw"))  # another codec: the records keep their own
-    assert tier.put_bytes(keys[:3], records[:3]) == [True] * 3
-    assert tier.get_bytes(keys[:3]) == records[:3]  # the very bytes, never decoded and re-encoded
+    assert tier.put_bytes(keys[:3], records) == [True] * 3
+    assert [r.read() for r in tier.get_bytes(keys[:3])] == records  # the very bytes, never decoded and re-encoded
     got = tier.get(keys[:3])
     assert all(torch.equal(g.kv, c.kv) and np.array_equal(g.tokens, c.tokens) for g, c in zip(got, cs))
     raw = redis.Redis.from_url(server.url)
     raw.set(f"kvs:t:{cs[1].key.hex()}", records[0])  # a valid record under another key: not served
     assert tier.get_bytes([cs[1].key]) == [None] and tier.stats.corrupt == 1
+    assert disk.get_bytes(keys[:1], check="header")[0].read() == records[0]  # a file, its header checked
     disk.close()
     tier.close()
 
