@@ -93,7 +93,6 @@ class Listener:
             raise RuntimeError("set up the runner before listening")
         self.manager = runner.server
         self.config = config
-        self.limit = connection_limit(config.max_connections)
         self.connections: set[Connection] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -106,6 +105,11 @@ class Listener:
         self._server = await self.loop.create_server(lambda: Connection(self.manager, self), host, port,
                                                      reuse_address=True, backlog=1024)
         return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def limit(self) -> int:
+        """The cap now (read each time: the file limit may change under a running process)."""
+        return connection_limit(self.config.max_connections)
 
     def admit(self, conn: Connection) -> bool:
         """Room for `conn`: under the cap, or by closing the connection idle longest; False if neither."""

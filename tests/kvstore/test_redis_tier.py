@@ -220,3 +220,24 @@ def test_slow_redis_never_blocks_puts(tmp_path, server):
     for i in range(6):
         assert all(store.tiers[1].contains([c.key for c in chunks_for(2, seed=10 + i)]))
     store.close()
+
+
+def test_a_key_of_the_wrong_type_is_its_own_miss_and_is_removed(server):
+    """A LIST where a record should be (issue 15, D5): a miss for that key alone, counted and deleted;
+    the rest of the batch is served and the tier stays up."""
+    tier = RedisTier(server.url, make_codec("raw"))
+    cs = chunks_for(3, seed=5)
+    assert tier.put(cs) == [True] * 3
+    raw = redis.Redis.from_url(server.url)
+    name = f"kvs:t:{cs[1].key.hex()}"
+    raw.delete(name)
+    raw.rpush(name, b"not a record")
+    for _ in range(2):
+        got = tier.get([c.key for c in cs])
+        assert got[1] is None and all(torch.equal(g.kv, c.kv) for g, c in zip([got[0], got[2]], [cs[0], cs[2]]))
+        assert tier.available() and tier.stats.errors == 0
+    assert tier.stats.corrupt == 1 and raw.exists(name) == 0  # removed at the first miss
+    assert tier.put([cs[1]]) == [True] and torch.equal(tier.get([cs[1].key])[0].kv, cs[1].kv)
+    raw.rpush(name + "x", b"y")
+    assert tier.get_bytes([cs[0].key])[0].read() and tier.available()
+    tier.close()
