@@ -2,8 +2,9 @@
 
 - `read_json(request, limit, run, convert)`: a JSON body of at most `limit` bytes (413 past it, known from
   Content-Length before a byte is read), parsed and converted off the event loop (`run`: the service's
-  thread pool), so a large or deeply nested document neither stalls other requests nor costs a 500:
-  malformed or nested too deep is a 400.
+  thread pool) unless it is small (`INLINE_JSON`: a few keys cost less to parse than the hop), so a large
+  or deeply nested document neither stalls other requests nor costs a 500: malformed or nested too deep
+  is a 400.
 - `send_record(request, resp, record)`: one stored record as it came, with no copy that the OS can
   spare: a file goes out with `sendfile` (page cache to socket), bytes in memory through a memoryview,
   a slice at a time so the transport never holds a second copy of a whole record.
@@ -25,6 +26,7 @@ from kvstore.tiers.byte_tier import RecordBytes
 from kvstore.wire import FRAME
 
 _SLICE = 1 << 20  # bytes of an in-memory record handed to the transport at a time
+INLINE_JSON = 16 << 10  # JSON bodies up to this size are parsed on the event loop
 
 
 async def read_json(request: web.Request, limit: int, run: Callable[..., Awaitable[Any]],
@@ -41,7 +43,8 @@ async def read_json(request: web.Request, limit: int, run: Callable[..., Awaitab
         size += len(chunk)
         if size > limit:
             raise ApiError(413, f"JSON body is over the limit of {limit} bytes")
-    return await run(_parse, b"".join(parts), convert)
+    body = b"".join(parts)
+    return _parse(body, convert) if size <= INLINE_JSON else await run(_parse, body, convert)
 
 
 def _parse(raw: bytes, convert: Callable[[Any], Any]) -> Any:
@@ -70,7 +73,13 @@ async def send_record(request: web.Request, resp: web.StreamResponse, record: Re
 async def respond_records(request: web.Request, records: Sequence[RecordBytes | None], *,
                           frames: bool) -> web.StreamResponse:
     """Send `records` (each given once per frame; a record may appear in several) and close them all."""
+    in_memory = any(r is not None and r.data is not None for r in records)
     try:
+        if in_memory and request.transport is not None:
+            # A transport may keep the memoryviews it is given rather than copies (Python 3.12+): with a
+            # high-water mark of 0 every drain waits until it has sent everything, so no record is
+            # released (and its memory reused) while the transport still points into it.
+            request.transport.set_write_buffer_limits(high=0)
         length = sum((r.size if r is not None else 0) + (FRAME.size if frames else 0) for r in records)
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(length)}
         if frames:
@@ -84,6 +93,8 @@ async def respond_records(request: web.Request, records: Sequence[RecordBytes | 
             if rec is not None:
                 await send_record(request, resp, rec)
         await resp.write_eof()
+        if in_memory:
+            await request.writer.drain()
         return resp
     finally:
         for rec in {id(r): r for r in records if r is not None}.values():

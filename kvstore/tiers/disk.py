@@ -224,15 +224,8 @@ class DiskTier(ByteTier):
     # -- get -----------------------------------------------------------------------------------------
 
     def _sources(self, keys: Sequence[ChunkKey]) -> Iterator[tuple[int, tuple[bytes, _File], int]]:
-        for i, key in enumerate(keys):
-            digest = key.digest()
-            e = self.index.acquire(digest)  # a reader: no delete or eviction unlinks it meanwhile
-            if e is None:
-                continue
-            try:
-                yield i, (digest, e), e.size
-            finally:
-                self.index.release(digest, e)
+        # A reader on each: no delete or eviction unlinks it meanwhile.
+        return ((i, (digest, e), e.size) for i, digest, e in self.index.held(k.digest() for k in keys))
 
     def _read(self, source: tuple[bytes, _File], key: ChunkKey | None, out: torch.Tensor | None) -> Chunk | None:
         digest, e = source
@@ -246,10 +239,7 @@ class DiskTier(ByteTier):
     def _hold(self, source: tuple[bytes, _File], size: int) -> RecordBytes | None:
         """The record's file, its entry held (a reader: no eviction or delete unlinks it) until closed."""
         digest, e = source
-        held = self.index.acquire(digest)
-        if held is not e:  # deleted (or put again) since `_sources` found it: a miss
-            if held is not None:
-                self.index.release(digest, held)
+        if not self.index.hold(digest, e):  # deleted (or put again) since `_sources` found it: a miss
             return None
         if not os.path.exists(e.path):
             self.index.release(digest, e)

@@ -27,7 +27,7 @@ from kvstore.record import DEFAULT_MAX_KV_BYTES
 from kvstore.tiers.arena import Arena
 from kvstore.tiers.base import TierUsage
 from kvstore.tiers.byte_tier import ByteTier, RecordBytes, RecordParts
-from kvstore.tiers.lru import Entry, PinnedLRU
+from kvstore.tiers.lru import Entry, IndexedByKey, PinnedLRU
 
 
 @dataclass(slots=True)
@@ -35,7 +35,7 @@ class _Record(Entry):
     offset: int = 0
 
 
-class RecordMemoryTier(ByteTier):
+class RecordMemoryTier(IndexedByKey, ByteTier):
     def __init__(self, capacity_bytes: int, codec: Codec | None = None, *, name: str = "cpu",
                  max_kv_bytes: int = DEFAULT_MAX_KV_BYTES) -> None:
         super().__init__(name, codec or make_codec("raw"), max_kv_bytes=max_kv_bytes)
@@ -55,24 +55,15 @@ class RecordMemoryTier(ByteTier):
     # -- records -------------------------------------------------------------------------------------
 
     def _sources(self, keys: Sequence[ChunkKey]) -> Iterator[tuple[int, tuple[ChunkKey, _Record], int]]:
-        for i, key in enumerate(keys):
-            e = self.index.acquire(key)  # a reader: its region is not reused while the caller reads it
-            if e is None:
-                continue
-            try:
-                yield i, (key, e), e.size
-            finally:
-                self.index.release(key, e)
+        # A reader on each: its region is not reused while the caller reads it.
+        return ((i, (key, e), e.size) for i, key, e in self.index.held(keys))
 
     def _read(self, source: tuple[ChunkKey, _Record], key, out):
         return super()._read(self._view(source[1]), key, out)
 
     def _hold(self, source: tuple[ChunkKey, _Record], size: int) -> RecordBytes | None:
         key, e = source
-        held = self.index.acquire(key)
-        if held is not e:
-            if held is not None:
-                self.index.release(key, held)
+        if not self.index.hold(key, e):
             return None
         return RecordBytes(size, data=self._view(e), release=lambda: self.index.release(key, e))
 
@@ -120,19 +111,3 @@ class RecordMemoryTier(ByteTier):
 
     def usage(self) -> TierUsage:
         return TierUsage(self.arena.used, self.arena.capacity, len(self.index), self.index.pinned())
-
-    def delete(self, keys: Sequence[ChunkKey]) -> int:
-        return self.index.delete(keys)
-
-    def pin(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        return self.index.pin(keys)
-
-    def unpin(self, keys: Sequence[ChunkKey]) -> None:
-        self.index.unpin(keys)
-
-    def clear(self, namespace: str | None = None) -> int:
-        return self.index.clear(lambda k, e: namespace is None or k.namespace == namespace)
-
-    def close(self) -> None:
-        with self.index.lock:
-            self._closed = True
