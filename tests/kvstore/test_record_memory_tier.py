@@ -3,7 +3,6 @@ record never reused under its reader, LRU eviction within the arena, decoding li
 
 from __future__ import annotations
 
-import torch
 
 from codec import make_codec
 from kvstore.record import encode_record

@@ -9,12 +9,10 @@ from __future__ import annotations
 import json
 import resource
 import socket
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 import urllib3
 import zstandard
