@@ -13,6 +13,8 @@ asked for, and the payload checksum before decoding; a file that fails is moved 
 get is a miss.
 The index (key digest -> size, LRU order) lives in memory and is rebuilt on start by scanning the
 directories: names and sizes only, no file is opened, so 100k records index in well under a second.
+A key missing from the index is looked for on disk by `contains` and `get` (one stat) and indexed when
+found, so processes sharing a directory see each other's records.
 """
 
 from __future__ import annotations
@@ -208,7 +210,26 @@ class DiskTier(Tier):
 
     def contains(self, keys: Sequence[ChunkKey], tokens=None) -> list[bool]:
         index = self._index
-        return [k.digest() in index for k in keys]
+        return [k.digest() in index or self._adopt(k) for k in keys]
+
+    def _adopt(self, key: ChunkKey) -> bool:
+        """Index the record of `key` if another process sharing this directory wrote it after this one
+        built its index (vLLM's scheduler looks up what its worker saves). One stat per call; nothing is
+        evicted here, so a reader never deletes a writer's records."""
+        digest = key.digest()
+        final = self._path(key, digest)[1]
+        try:
+            size = os.stat(final).st_size
+        except OSError:
+            return False
+        with self._lock:
+            if digest in self._index or digest in self._writing:
+                return True  # indexed meanwhile, or our own write about to be published
+            if digest in self._doomed or self._closed:
+                return False  # deleted here while pinned or read: not to be served again
+            self._index[digest] = _Entry(final, size)
+            self._used += size
+        return True
 
     def usage(self) -> TierUsage:
         with self._lock:
@@ -370,6 +391,11 @@ class DiskTier(Tier):
                     if e is not None:
                         self._index.move_to_end(digest)
                         e.readers += 1
+                if e is None and self._adopt(key):
+                    with self._lock:
+                        e = self._index.get(digest)
+                        if e is not None:
+                            e.readers += 1
                 if e is None:
                     results.append(None)
                     continue
