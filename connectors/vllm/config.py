@@ -16,28 +16,21 @@ Stores:
 - `lookup_store(cfg)`: the same persistent tiers only, in the scheduler, which cannot see the worker's
   memory: what the scheduler counts as stored is what any process can load.
 A configuration without a persistent tier, or with `write_through = false`, is refused: the scheduler
-would never see what the workers save. Under the connector, Redis and sidecar calls time out after
-`REMOTE_TIMEOUT_S` unless the timeout is set explicitly (a slow tier costs a short wait, then a recompute).
+would never see what the workers save. A slow Redis or sidecar costs at most its `timeout` per call (1 s
+by default), then misses for `retry_after` seconds: the engine recomputes instead of waiting.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 from kvstore.config import MemoryConfig, StoreConfig, build_store, load_config, parse_size
 from kvstore.errors import ConfigError
 from kvstore.store import TieredStore
 
-REMOTE_TIMEOUT_S = 0.5
 _KEYS = ("config", "set", "namespace", "fingerprint", "load", "save", "max_pending_save_bytes")
 _LOOKUP_MEMORY = 64 << 10  # build_store wants a first tier; the scheduler's stays empty
 
@@ -79,17 +72,6 @@ def _flag(name: str, value: Any) -> bool:
     raise ConfigError(f"kv_connector_extra_config.{name} must be true or false, got {value!r}")
 
 
-def _explicit_in_file(path: str | None, section: str, name: str) -> bool:
-    if not path:
-        return False
-    try:
-        with open(path, "rb") as f:
-            tree = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError):
-        return False  # load_config reports it
-    return isinstance(tree.get(section), dict) and name in tree[section]
-
-
 def connector_config(extra: Mapping[str, Any] | None, env: Mapping[str, str] | None = None) -> ConnectorConfig:
     """Parse `kv_connector_extra_config` (and the environment, `env`, default `os.environ`)."""
     extra = dict(extra or {})
@@ -104,13 +86,7 @@ def connector_config(extra: Mapping[str, Any] | None, env: Mapping[str, str] | N
     overrides = {str(k): (str(v).lower() if isinstance(v, bool) else v) for k, v in overrides.items()}
     if extra.get("namespace") is not None:
         overrides["namespace"] = str(extra["namespace"])
-    path = extra.get("config") or env.get("KVSTORE_CONFIG")
-    for section in ("redis", "sidecar"):
-        key = f"{section}.timeout"
-        if key not in overrides and f"KVSTORE_{section.upper()}_TIMEOUT" not in env \
-                and not _explicit_in_file(path, section, "timeout") and _configured(section, overrides, env, path):
-            overrides[key] = REMOTE_TIMEOUT_S
-    store = load_config(path, env, overrides)
+    store = load_config(extra.get("config") or env.get("KVSTORE_CONFIG"), env, overrides)
     fingerprint = extra.get("fingerprint")
     if fingerprint is not None and (not isinstance(fingerprint, str) or not fingerprint):
         raise ConfigError("kv_connector_extra_config.fingerprint must be a non-empty string")
@@ -118,19 +94,6 @@ def connector_config(extra: Mapping[str, Any] | None, env: Mapping[str, str] | N
                           parse_size(extra.get("max_pending_save_bytes", 1 << 30)))
     check_persistent(cfg.store)
     return cfg
-
-
-def _configured(section: str, overrides: Mapping[str, Any], env: Mapping[str, str], path: str | None) -> bool:
-    """Whether `section` will exist in the loaded config (so that adding its timeout does not create it)."""
-    if any(k.startswith(section + ".") for k in overrides) or any(k.startswith(f"KVSTORE_{section.upper()}_") for k in env):
-        return True
-    if not path:
-        return False
-    try:
-        with open(path, "rb") as f:
-            return isinstance(tomllib.load(f).get(section), dict)
-    except (OSError, tomllib.TOMLDecodeError):
-        return False
 
 
 def check_persistent(store: StoreConfig) -> None:

@@ -128,7 +128,7 @@ class Engine:
         self.proc = None
 
     def __enter__(self) -> "Engine":
-        return self.start()
+        return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from codec import make_codec
-from connectors.vllm.config import REMOTE_TIMEOUT_S, connector_config, lookup_store, worker_store
+from connectors.vllm.config import connector_config, lookup_store, worker_store
 from kvstore.chunk import Chunk
 from kvstore.errors import ConfigError
 from kvstore.keys import chunk_refs
@@ -91,13 +91,11 @@ def test_connector_config_refuses_what_cannot_work(tmp_path):
     cfg.check_block_size(100)
 
 
-def test_remote_timeouts_are_short_unless_set(tmp_path):
-    base = {"disk.path": str(tmp_path), "redis.url": "redis://127.0.0.1:1/0"}
-    assert connector_config({"set": base}, env={}).store.redis.timeout == REMOTE_TIMEOUT_S
-    assert connector_config({"set": {**base, "redis.timeout": 3}}, env={}).store.redis.timeout == 3
-    assert connector_config({"set": base}, env={"KVSTORE_REDIS_TIMEOUT": "2"}).store.redis.timeout == 2
+def test_store_settings_come_from_file_environment_and_set(tmp_path):
     toml = tmp_path / "kv.toml"
-    toml.write_text('[sidecar]\nurl = "http://127.0.0.1:1"\ntimeout = 4.0\n')
-    cfg = connector_config({"config": str(toml), "set": base}, env={})
-    assert cfg.store.sidecar.timeout == 4.0 and cfg.store.redis.timeout == REMOTE_TIMEOUT_S
-    assert connector_config({"set": {"disk.path": str(tmp_path)}}, env={}).store.redis is None
+    toml.write_text(f'chunk_tokens = 512\n[disk]\npath = "{tmp_path / "a"}"\n[redis]\nurl = "redis://127.0.0.1:1/0"\n')
+    cfg = connector_config({"config": str(toml), "set": {"redis.timeout": 0.25}}, env={"KVSTORE_MEMORY_CAPACITY": "1GiB"})
+    assert cfg.chunk_tokens == 512 and cfg.store.disk.path == tmp_path / "a" and cfg.store.memory.capacity == 1 << 30
+    assert cfg.store.redis.timeout == 0.25
+    env_cfg = connector_config(None, env={"KVSTORE_CONFIG": str(toml)})
+    assert env_cfg.store.redis.url == "redis://127.0.0.1:1/0"
