@@ -15,8 +15,10 @@ vLLM's own prefix cache off, float32:
   (needs root; skipped otherwise);
 - sidecar: a `kvstore serve` on loopback (raw records in its memory tier), the worker's memory 1 MiB.
 Each row says whether the greedy output (8 tokens) equals vLLM's own without a connector, the tokens
-vLLM reported cached (`num_cached_tokens`) and the tier that served them (the connector's metrics).
-JSON: `vllm_ttft_ratio_{memory,disk,disk_cold,sidecar}_<n>k`, `vllm_ttft_s_<row>_<n>k`,
+vLLM reported cached (`num_cached_tokens`), the tier that served them (the connector's metrics), and the
+decode time per token of that 8-token call after its first token (decode steps run through the connector
+too: they must cost nothing measurable).
+JSON: `vllm_ttft_ratio_{memory,disk,disk_cold,sidecar}_<n>k`, `vllm_ttft_s_<row>_<n>k`, `vllm_decode_ms_<row>_<n>k`,
 `vllm_outputs_identical` (1 when every row reproduced vLLM's tokens), `model`, `model_layers`.
 """
 
@@ -94,7 +96,9 @@ class Bench:
             failures = metrics.get("load_failures|", 0) - metrics0.get("load_failures|", 0)
             if failures:
                 served += f" ({int(failures)} chunks failed to load)"
-        self.rows.append({"row": row, "n": n, "ttft_s": statistics.median(times), "cached": sorted(cached),
+        ttft = statistics.median(times)
+        decode_ms = 1e3 * max(tokens.seconds - ttft, 0.0) / (OUTPUT_TOKENS - 1)
+        self.rows.append({"row": row, "n": n, "ttft_s": ttft, "cached": sorted(cached), "decode_ms": decode_ms,
                           "served": served or "-", "identical": tokens.tokens == self.reference.get(n)})
         print(f"  {row:10s} {_label(n)}: {statistics.median(times):.3f} s, cached {sorted(cached)}, {served}", flush=True)
 
@@ -163,10 +167,12 @@ def run(args) -> dict:
         out[f"vllm_ttft_s_{key}_{_label(r['n'])}"] = round(r["ttft_s"], 4)
         if r["row"] != "recompute":
             out[f"vllm_ttft_ratio_{key}_{_label(r['n'])}"] = round(ratio, 4)
+        out[f"vllm_decode_ms_{key}_{_label(r['n'])}"] = round(r["decode_ms"], 2)
         table.append([r["row"], _label(r["n"]), r["ttft_s"], ratio, "yes" if r["identical"] else "NO",
-                      "/".join(map(str, r["cached"])), r["served"]])
+                      "/".join(map(str, r["cached"])), r["served"], round(r["decode_ms"], 1)])
     print()
-    print_table(["row", "context", "TTFT s", "vs recompute", "identical", "cached tokens", "loaded from (tokens)"], table)
+    print_table(["row", "context", "TTFT s", "vs recompute", "identical", "cached tokens", "loaded from (tokens)",
+                 "decode ms/token"], table)
     if not cold:
         print("(disk-cold skipped: dropping the page cache needs root)")
     if not args.dir:

@@ -40,6 +40,7 @@ _NORMAL_BITS = {torch.float32: (0x00800000, 0x7F7FFFFF), torch.float16: (0x0400,
 
 class PagedKV(Protocol):
     block_size: int
+    device: torch.device  # where the blocks live: gather buffers are allocated there
 
     def gather(self, block_ids: torch.Tensor, out: torch.Tensor) -> None: ...
 
@@ -220,6 +221,7 @@ class DevicePages:
                               f"(num_blocks, 2, B, H, D) layout (MLA and other layouts are not supported)")
         self.kv_caches = list(kv_caches)
         self.block_size = block_size
+        self.device = first.device
         self._offsets = torch.arange(block_size, dtype=torch.long, device=first.device)
 
     def _slots(self, block_ids: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ from kvstore.store import TieredStore
 log = logging.getLogger(__name__)
 
 LOAD_BATCH = 8  # chunks per store get: bounds the load buffer (8 x one chunk of all layers)
+FREE_BUFFER_BYTES = 256 << 20  # save buffers kept for reuse between steps
 
 
 class WorkerSide:
@@ -45,7 +46,7 @@ class WorkerSide:
         self.fingerprint = fingerprint
         self.chunk_shape = chunk_shape  # [L, 2, C, H, D]
         self.dtype = dtype
-        self.device = getattr(pages, "device", torch.device("cpu"))
+        self.device = pages.device
         self.block_ratio = block_ratio  # kernel blocks per vLLM (scheduler) block
         self.counters = counters or Counters()
         self.max_pending_bytes = max_pending_bytes
@@ -175,7 +176,7 @@ class WorkerSide:
             with self._cond:
                 self._pending -= nbytes
                 self._free.extend(c.kv for c in chunks)
-                del self._free[max(1, self.max_pending_bytes // self.chunk_bytes):]
+                del self._free[max(1, min(self.max_pending_bytes, FREE_BUFFER_BYTES) // self.chunk_bytes):]
                 self._cond.notify_all()
         self.counters.add("store_seconds", time.perf_counter() - t0)
 

@@ -140,3 +140,30 @@ def test_stats_aggregate_and_reduce():
     assert merged.data == {"loaded_tokens|disk": 512, "lookups|": 1}
     assert merged.reduce() == {"loaded_tokens.disk": 512, "lookups": 1}
     assert KVStoreStats({"lookups|": 0}).is_empty() and not merged.is_empty()
+
+
+DEVICES = [pytest.param("cpu", id="cpu"),
+           pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu,
+                                                  pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cuda_layout_round_trip_through_the_kernels(store, device):
+    """What a GPU worker does: flash-attention caches [2, num_blocks, B, H, D] per layer, moved by
+    kernels.gather_paged / scatter_paged (the torch reference on CPU, the Triton kernels on CUDA)."""
+    from connectors.vllm.layout import DevicePages
+    from connectors.vllm.worker import WorkerSide
+
+    g = torch.Generator().manual_seed(7)
+    src = [torch.randn(2, 16, B, H, D, generator=g).to(device) for _ in range(L)]
+    dst = [torch.zeros(2, 16, B, H, D, device=device) for _ in range(L)]
+    toks = list(range(600, 616))
+    w = WorkerSide(store, DevicePages(src, B), fingerprint="fp", chunk_shape=(L, 2, C, H, D), dtype=torch.float32)
+    w.save(StepPlan(saves=[RequestSave("a", moves(toks, [2, 3, 4, 5]))]))
+    assert w.flush(10)
+    r = WorkerSide(store, DevicePages(dst, B), fingerprint="fp", chunk_shape=(L, 2, C, H, D), dtype=torch.float32)
+    r.load(StepPlan(loads=[RequestLoad("b", moves(toks, [-1, 9, 10, 11]))]))  # block 8 is vLLM's own: skipped
+    for s_layer, d_layer in zip(src, dst):
+        assert torch.equal(d_layer[:, 9:12].cpu(), s_layer[:, 3:6].cpu())
+        assert not d_layer[:, :9].any() and not d_layer[:, 12:].any()
+    w.close(), r.close()
