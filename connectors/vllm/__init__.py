@@ -14,7 +14,8 @@ Modules, each owning one thing (see docs/VLLM.md):
 - `config`: `kv_connector_extra_config` and the stores it builds;
 - `metrics`: counters, vLLM's connector stats and Prometheus metrics;
 - `driver`: an offline engine in a child process, driven over pipes (tests, benchmarks).
-Only `connector` and `driver` import vLLM.
+`connector` and `driver` need vLLM; `plan` and `metrics` subclass its base classes when it is installed, and
+the rest never imports it (the scheduler logic, layouts and stores are tested without an engine).
 """
 
 

@@ -167,3 +167,35 @@ def test_cuda_layout_round_trip_through_the_kernels(store, device):
         assert torch.equal(d_layer[:, 9:12].cpu(), s_layer[:, 3:6].cpu())
         assert not d_layer[:, :9].any() and not d_layer[:, 12:].any()
     w.close(), r.close()
+
+
+def test_a_hung_tier_costs_a_bounded_wait_then_a_reported_recompute(tmp_path):
+    """A Redis that accepts connections and never answers: the load waits one socket timeout, reports
+    every planned block, and the next load within `retry_after` does not wait at all."""
+    import socket
+    import time
+
+    from kvstore.store import TieredStore
+    from kvstore.tiers import MemoryTier, RedisTier
+    from codec import make_codec
+
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)  # connections complete in the kernel's backlog; nothing ever reads or writes
+    url = f"redis://127.0.0.1:{hung.getsockname()[1]}/0"
+    store = TieredStore([MemoryTier(16 << 20), RedisTier(url, make_codec("raw"), timeout=0.3, retry_after=30)],
+                        chunk_tokens=C)
+    _, dst = caches()
+    w = make_worker(store, dst)
+    plan = StepPlan(loads=[RequestLoad("a", moves(list(range(700, 716)), [1, 2, 3, 4]))])
+    t = time.perf_counter()
+    w.load(plan)
+    first = time.perf_counter() - t
+    assert w.take_invalid_blocks() == {1, 2, 3, 4}
+    t = time.perf_counter()
+    w.load(plan)
+    again = time.perf_counter() - t
+    assert w.take_invalid_blocks() == {1, 2, 3, 4}
+    assert first < 2.0 and again < 0.1  # one bounded wait, then misses at once while the tier is down
+    w.close()
+    hung.close()
