@@ -21,12 +21,16 @@ quarantine and the get is a miss.
 The index (`PinnedLRU`: key digest -> file and size, LRU order, pins, readers) lives in memory and is
 rebuilt on start from a scan of names and sizes. A file is unlinked only under the index's lock, so a put
 of the same key can never have its new file removed by an older delete or eviction.
+A key missing from the index is looked for on disk by `contains` and `get` (one stat) and indexed when
+found, so processes sharing a directory see each other's records (vLLM's scheduler looks up what its
+worker saves).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -157,7 +161,24 @@ class DiskTier(ByteTier):
 
     def contains(self, keys: Sequence[ChunkKey], tokens=None) -> list[bool]:
         index = self.index
-        return [k.digest() in index for k in keys]
+        return [(digest := k.digest()) in index or self._adopt(k, digest) for k in keys]
+
+    def _adopt(self, key: ChunkKey, digest: bytes) -> bool:
+        """Index the record of `key` if another process sharing this directory wrote it after this one
+        built its index. One stat per call; nothing is evicted here, so a reader never deletes a writer's
+        records (the directory may briefly hold more than this process's capacity)."""
+        final = self._path(key, digest)[1]
+        try:
+            st = os.stat(final, follow_symlinks=False)
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode):  # the tree never follows a symbolic link
+            return False
+        size = st.st_size
+        with self.index.lock:
+            if self._closed:
+                return False
+            return self.index.adopt_locked(digest, _File(size, path=final))
 
     def usage(self) -> TierUsage:
         return TierUsage(self.index.used, self.capacity, len(self.index), self.index.pinned())
@@ -224,8 +245,12 @@ class DiskTier(ByteTier):
     # -- get -----------------------------------------------------------------------------------------
 
     def _sources(self, keys: Sequence[ChunkKey]) -> Iterator[tuple[int, tuple[bytes, _File], int]]:
+        digests = [k.digest() for k in keys]
+        for key, digest in zip(keys, digests):
+            if digest not in self.index:
+                self._adopt(key, digest)
         # A reader on each: no delete or eviction unlinks it meanwhile.
-        return ((i, (digest, e), e.size) for i, digest, e in self.index.held(k.digest() for k in keys))
+        return ((i, (digest, e), e.size) for i, digest, e in self.index.held(digests))
 
     def _read(self, source: tuple[bytes, _File], key: ChunkKey | None, out: torch.Tensor | None) -> Chunk | None:
         digest, e = source

@@ -193,6 +193,16 @@ class PinnedLRU(Generic[K, E]):
         self._entries[key] = e
         self.used += e.size
 
+    def adopt_locked(self, key: K, e: E) -> bool:
+        """Index an entry whose storage appeared from elsewhere (another process's write). True if `key`
+        is stored now; False if it was deleted here while referenced (not to be served again)."""
+        if key in self._entries or key in self._writing:
+            return True
+        if key in self._doomed:
+            return False
+        self.publish_locked(key, e)
+        return True
+
     def abandon_locked(self, key: K) -> None:
         self._writing.discard(key)
 
