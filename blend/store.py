@@ -22,7 +22,7 @@ import torch
 
 from blend.errors import BlendInputError
 from blend.types import RECOMPUTE_REASONS, Segment, SegmentFetch, as_ids
-from kvstore.keys import ChunkKind, ChunkRef, chunk_refs
+from kvstore.keys import DEFAULT_NAMESPACE, ChunkKind, ChunkRef, chunk_refs
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -45,7 +45,7 @@ class Part:
         return cls(as_ids(tokens), False, False, reason)
 
 
-def passage_refs(store, tokens, *, fingerprint: str, namespace: str = "default",
+def passage_refs(store, tokens, *, fingerprint: str, namespace: str = DEFAULT_NAMESPACE,
                  chunk_tokens: int | None = None) -> list[ChunkRef]:
     """The standalone chunk refs of one passage (the trailing partial chunk included), in chunks of
     `chunk_tokens` (default: the store's)."""
@@ -53,7 +53,7 @@ def passage_refs(store, tokens, *, fingerprint: str, namespace: str = "default",
                       chunk_tokens=chunk_tokens or store.chunk_tokens, kind=ChunkKind.STANDALONE, include_partial=True)
 
 
-def store_segments(store, parts: Sequence[Part], *, fingerprint: str, namespace: str = "default",
+def store_segments(store, parts: Sequence[Part], *, fingerprint: str, namespace: str = DEFAULT_NAMESPACE,
                    chunk_tokens: int | None = None) -> SegmentFetch:
     """A `SegmentFetch` over `parts` in prompt order: one segment per passage chunk, one per fresh part."""
     plan: list[tuple[ChunkRef | torch.Tensor, Part]] = []  # (a ref to look up, or fresh tokens [T]; its part)

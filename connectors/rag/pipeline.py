@@ -36,12 +36,12 @@ from connectors.precompute import Manifest
 from connectors.rag.errors import RagError
 from connectors.rag.passages import ManifestLoad, Passage, manifest_passages
 from connectors.rag.prompt import PromptTemplate
-from kvstore.keys import ChunkKind
+from kvstore.keys import DEFAULT_NAMESPACE, ChunkKind
 
 
 @dataclass(frozen=True, slots=True)
 class RagConfig:
-    namespace: str = "default"  # the store namespace of the passages: `kvstore precompute`'s default too
+    namespace: str = DEFAULT_NAMESPACE  # where the passages are keyed: `kvstore precompute`'s default too
     template: PromptTemplate | None = None  # None: the tokenizer's chat template where it has one, else plain
     chunk_tokens: int | None = None  # chunk size of the passages' keys; None: the store's
     max_new_tokens: int = 16
@@ -105,6 +105,7 @@ class RagPipeline:
         self.fingerprint = model_fingerprint(model)
         self.driver = LayerDriver(model)
         self.passages: dict[str, Passage] = {}
+        self.load: ManifestLoad | None = None  # what the last `add_manifest` found
         self._sep = self.tokens(self.template.separator)
         self._prefix = self.tokens(self.template.prefix)  # [P], may be empty
         self._prefix_checked = False
@@ -122,7 +123,7 @@ class RagPipeline:
             raise RagError("the manifest has no header (the precompute job never started writing it)")
         pipe = cls(model, tokenizer, store, dataclasses.replace(config, namespace=m.header.namespace,
                                                                  chunk_tokens=m.header.chunk_tokens))
-        pipe.load = pipe.add_manifest(m, documents)
+        pipe.add_manifest(m, documents)
         return pipe
 
     def tokens(self, text: str) -> torch.Tensor:
@@ -184,6 +185,7 @@ class RagPipeline:
             raise RagError(f"the manifest's chunks hold {m.header.chunk_tokens} tokens, this pipeline keys "
                            f"{self.chunk_tokens} (RagConfig.chunk_tokens)")
         self.passages.update((p.id, p) for p in passages)
+        self.load = load
         return load
 
     # -- query ------------------------------------------------------------------------------------------
@@ -242,19 +244,24 @@ class RagPipeline:
         seconds = time.perf_counter() - t
         return Prefill(ids, kv_to_cache(res.kv, self.model), res.logits, seconds, res.report)
 
+    def passage_rows(self, passages: Sequence[Passage]) -> list[range]:
+        """The prompt rows of each passage, in the layout of `parts` (after the prefix, a separator after each)."""
+        out, row = [], self._prefix.numel()
+        for p in passages:
+            out.append(range(row, row + p.tokens.numel()))
+            row += p.tokens.numel() + self._sep.numel()
+        return out
+
     def sources(self, passages: Sequence[Passage], report: BlendReport | None) -> list[PassageSource]:
-        """Where each passage's KV came from, by its rows in the prompt (the layout of `parts`)."""
+        """Where each passage's KV came from, by its rows in the prompt."""
         if report is None:  # a full prefill loads nothing
             return [PassageSource(p.id, False) for p in passages]
         fresh = torch.zeros(report.num_tokens, dtype=torch.bool)
         fresh[report.fresh_rows] = True
-        row = self._prefix.numel()
         out = []
-        for p in passages:
-            n = p.tokens.numel()
-            why = [r.reason for r in report.recomputed if r.row < row + n and r.row + r.tokens > row]
-            out.append(PassageSource(p.id, not bool(fresh[row : row + n].any()), why[0] if why else p.reason))
-            row += n + self._sep.numel()
+        for p, rows in zip(passages, self.passage_rows(passages)):
+            why = [r.reason for r in report.recomputed if r.row < rows.stop and r.row + r.tokens > rows.start]
+            out.append(PassageSource(p.id, not bool(fresh[rows.start : rows.stop].any()), why[0] if why else p.reason))
         return out
 
     def answer(self, question: str, passages: Sequence[str] = (), *, passage_ids: Sequence[str] = (),
