@@ -15,7 +15,8 @@ example's prompt is then prefilled by each method:
   KV against the full prefill's (a measure that holds with any weights); per example, whether blend got
   worse with more recompute (0.30 vs 0.15) or was worse than naive reuse.
 TTFT: a ~4K-token prompt of held-out passages, each method's time to the last logits (store fetch + blend,
-or the model's own prefill), median of repeats, methods interleaved round-robin; reported as method / full.
+or the model's own prefill), median of repeats, methods interleaved round-robin, one torch thread by default;
+reported as method / full (random selection does blend's work at the same ratio and is not timed).
 
     python -m benchmarks.blend_bench [--quick] [--json PATH] [--model tiny] [--split dev]
 """
@@ -138,10 +139,13 @@ def long_context(tasks: list[Task], tok, target_tokens: int) -> list[str]:
 
 
 def ttft(pipe: RagPipeline, base: BlendConfig, task: Task, passages: list[str], repeats: int) -> dict:
-    times: dict[str, list[float]] = {m: [] for m, _, _ in methods()}
+    """Median seconds to the last logits of full prefill, naive reuse and blend at each ratio (random selection
+    does the same work as blend at the same ratio, so it is not timed), methods interleaved round-robin."""
+    timed = [m for m in methods() if m[2] != "random"]
+    times: dict[str, list[float]] = {m: [] for m, _, _ in timed}
     tokens = None
     for rep in range(repeats + 1):  # the first round warms up
-        for name, ratio, selection in methods():
+        for name, ratio, selection in timed:
             t = time.perf_counter()
             pre = _prefill(pipe, base, task, passages, ratio, selection)
             dt = time.perf_counter() - t
@@ -161,7 +165,7 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=None, help="held-out examples (default: all; quick 30)")
     ap.add_argument("--repeats", type=int, default=None, help="timing repeats (default 5; quick 3)")
     ap.add_argument("--context", type=int, default=4096, help="tokens of context for TTFT")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: TTFT ratios of one core)")
     d = BlendConfig()
     ap.add_argument("--deviation", default=d.deviation, choices=("k", "v", "kv"))
     ap.add_argument("--check-layer", type=int, default=d.check_layer)
@@ -196,9 +200,9 @@ def main() -> None:
     tt = ttft(pipe, base, tasks[0], context, repeats)
     rows = []
     for name, _, _ in methods():
-        f, s = fid[name], tt[name]
+        f, s = fid[name], tt.get(name)
         rows.append([name, f"{f['acc']:.3f}", f"{f['kl']:.4f}", f"{f['top1']:.3f}", f"{f['kv_err']:.3f}",
-                     f"{f['frac']:.3f}", f"{s['s'] * 1e3:.0f}", f"{s['ratio']:.3f}"])
+                     f"{f['frac']:.3f}", f"{s['s'] * 1e3:.0f}" if s else "-", f"{s['ratio']:.3f}" if s else "-"])
     chance = statistics.fmean(t.chance for t in fid_tasks)
     print(f"\n{info['model']} ({info['model_layers']} layers); {len(fid_tasks)} held-out examples ({args.split if chat else 'cloze'}), "
           f"chance {chance:.3f}; TTFT at {tt['tokens']} tokens of context, median of {repeats}")
@@ -221,7 +225,8 @@ def main() -> None:
             out[f"top1_{kind}_{p}"] = fid[name]["top1"]
             out[f"acc_{kind}_{p}"] = fid[name]["acc"]
             out[f"kv_err_{kind}_{p}"] = fid[name]["kv_err"]
-            out[f"ttft_ratio_{kind}_{p}"] = tt[name]["ratio"]
+            if name in tt:
+                out[f"ttft_ratio_{kind}_{p}"] = tt[name]["ratio"]
             out[f"recompute_{kind}_{p}"] = fid[name]["frac"]
     out["kl_ratio_blend_15_vs_naive"] = out["kl_blend_15"] / kl_naive if kl_naive else float("nan")
     print(f"\ntargets at ratio 0.15: KL <= 0.25 x naive: {out['kl_ratio_blend_15_vs_naive']:.3f} x; top-1 >= 0.90: "

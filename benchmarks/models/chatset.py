@@ -111,14 +111,14 @@ def build_examples(tokenizer, n: int, seed: int) -> list[ChatExample]:
 def write_splits(tokenizer, out_dir: Path = HELDOUT_DIR) -> None:
     for file, seed, n in SPLITS.values():
         with open(out_dir / file, "w") as f:
-            for ex in build_examples(tokenizer, n, seed):
-                f.write(json.dumps(asdict(ex)) + "\n")
+            f.writelines(json.dumps(asdict(ex)) + "\n" for ex in build_examples(tokenizer, n, seed))
 
 
 def load_chat(split: str = "eval") -> list[ChatExample]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
-    rows = [json.loads(line) for line in open(HELDOUT_DIR / SPLITS[split][0])]
+    with open(HELDOUT_DIR / SPLITS[split][0]) as f:
+        rows = [json.loads(line) for line in f]
     return [ChatExample(**{**r, "passages": tuple(r["passages"])}) for r in rows]
 
 

@@ -40,10 +40,8 @@ def chain(tmp_path_factory):
     model, tok = load_model("tiny", torch.float32)
     examples = load_rag()[:2]
     corpus = tmp / "corpus.jsonl"
-    with open(corpus, "w") as f:
-        for i, ex in enumerate(examples):
-            for j, p in enumerate(ex.passages):
-                f.write(json.dumps({"id": f"e{i}p{j}", "text": p}) + "\n")
+    corpus.write_text("".join(json.dumps({"id": f"e{i}p{j}", "text": p}) + "\n"
+                              for i, ex in enumerate(examples) for j, p in enumerate(ex.passages)))
     server_cfg = load_config(None, {}, {"disk.path": str(tmp / "sidecar"), "memory.enabled": "false",
                                         "chunk_tokens": str(CHUNK)})
     server_store = build_store(server_cfg)
@@ -110,12 +108,9 @@ def test_a_chunk_lost_from_the_sidecar_is_reported_as_evicted(chain):
 def test_a_manifest_of_another_model_is_a_fingerprint_mismatch(chain, tmp_path):
     model, tok, store, _, manifest, corpus, examples = chain
     other = tmp_path / "other.jsonl"
-    lines = open(manifest).read().splitlines()
-    with open(other, "w") as f:
-        for line in lines:
-            obj = json.loads(line)
-            obj["model"] = "another-model"  # the fingerprint, in the header and in every record
-            f.write(json.dumps(obj) + "\n")
+    rows = [{**json.loads(line), "model": "another-model"}  # the fingerprint, in the header and in every record
+            for line in manifest.read_text().splitlines()]
+    other.write_text("".join(json.dumps(r) + "\n" for r in rows))
     pipe = RagPipeline.from_manifest(model, tok, store, other, corpus, RagConfig(max_new_tokens=2))
     assert pipe.load.fingerprint_mismatch == pipe.load.passages > 0 and pipe.load.usable == 0
     ans = pipe.answer(examples[1].prompt_tail, passage_ids=["e1p0", "e1p1"])
