@@ -116,11 +116,25 @@ def fidelity(pipe: RagPipeline, tok, tasks: list[Task], base: BlendConfig) -> tu
         if (i + 1) % 10 == 0:
             print(f"  {i + 1}/{len(tasks)} examples: KL naive {statistics.fmean(per['naive']['kl']):.4f}, "
                   f"blend_15 {statistics.fmean(per['blend_15']['kl']):.4f}", flush=True)
+    return {m: {k: statistics.fmean(v) for k, v in rec.items()} for m, rec in per.items()}, monotonicity(per)
+
+
+def monotonicity(per: dict) -> dict:
+    """Per example, where more recompute did worse: counts, and the mean KL step up on those examples beside
+    the mean step down on the others (random selection's counts are the baseline: it recomputes a superset
+    of rows at the larger ratio too, chosen blindly)."""
     kl = {m: per[m]["kl"] for m in per}
-    shape = {"worse_30_than_15": sum(a > b for a, b in zip(kl["blend_30"], kl["blend_15"])),
-             "worse_15_than_naive": sum(a > b for a, b in zip(kl["blend_15"], kl["naive"])),
-             "worse_50_than_30": sum(a > b for a, b in zip(kl["blend_50"], kl["blend_30"]))}
-    return {m: {k: statistics.fmean(v) for k, v in rec.items()} for m, rec in per.items()}, shape
+    out = {}
+    for kind in ("blend", "random"):
+        for hi, lo in (("30", "15"), ("50", "30")):
+            steps = [a - b for a, b in zip(kl[f"{kind}_{hi}"], kl[f"{kind}_{lo}"])]
+            up, down = [d for d in steps if d > 0], [-d for d in steps if d <= 0]
+            tag = "" if kind == "blend" else "random_"
+            out[f"{tag}worse_{hi}_than_{lo}"] = len(up)
+            out[f"{tag}worse_{hi}_than_{lo}_mean_up"] = statistics.fmean(up) if up else 0.0
+            out[f"{tag}worse_{hi}_than_{lo}_mean_down"] = statistics.fmean(down) if down else 0.0
+    out["worse_15_than_naive"] = sum(a > b for a, b in zip(kl["blend_15"], kl["naive"]))
+    return out
 
 
 def long_context(tasks: list[Task], tok, target_tokens: int) -> list[str]:
@@ -208,8 +222,12 @@ def main() -> None:
           f"chance {chance:.3f}; TTFT at {tt['tokens']} tokens of context, median of {repeats}")
     print_table(["method", "accuracy", "KL vs full", "top-1 vs full", "KV error", "recompute", "TTFT ms", "TTFT / full"], rows)
     n = len(fid_tasks)
-    print(f"per example: blend_30 worse than blend_15 on {shape['worse_30_than_15']}/{n}, blend_50 worse than blend_30 "
-          f"on {shape['worse_50_than_30']}/{n}, blend_15 worse than naive on {shape['worse_15_than_naive']}/{n}")
+    for tag, label in (("", "blend"), ("random_", "random")):
+        for hi, lo in (("30", "15"), ("50", "30")):
+            k = f"{tag}worse_{hi}_than_{lo}"
+            print(f"per example: {label}_{hi} worse than {label}_{lo} on {shape[k]}/{n} (mean KL up {shape[k + '_mean_up']:.4f} "
+                  f"there, down {shape[k + '_mean_down']:.4f} on the others)")
+    print(f"per example: blend_15 worse than naive on {shape['worse_15_than_naive']}/{n}")
     kl_naive = fid["naive"]["kl"]
     out = {
         **info, "examples": n, "split": args.split if chat else "cloze", "chance": chance, "ttft_tokens": tt["tokens"],
