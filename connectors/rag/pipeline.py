@@ -14,7 +14,8 @@ Primitives of `RagPipeline(model, tokenizer, store, config)`:
   passages are looked up in the store (a chunk that is missing is computed, not an error, and the report
   says why), the separators, the question, the template's suffix and the answer's opening are computed.
 - `answer(...)`: `prefill` + greedy decoding -> `RagAnswer` (text, token ids, time to first token, the blend
-  report, and where each passage's KV came from: `passages_from_store`, `recomputed`).
+  report, and where each passage's KV came from: `passages_from_store`, `recomputed`);
+- `passage_rows(passages)`: the prompt rows of each passage (what `sources` reads the blend report by).
 
 Bad input (unknown passage ids, an empty question, a ratio outside [0, 1], a manifest for another namespace
 or chunk size) raises `RagError` (a `ValueError`) or `blend.BlendError`.
