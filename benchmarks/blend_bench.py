@@ -171,6 +171,46 @@ def ttft(pipe: RagPipeline, base: BlendConfig, task: Task, passages: list[str], 
             **{m: {"s": statistics.median(v), "ratio": statistics.median(v) / full} for m, v in times.items()}}
 
 
+def fidelity_summary(fid: dict, shape: dict, tasks: list[Task]) -> dict:
+    """The JSON fields of the fidelity part: `kl_naive`, `kl_blend_15`, `top1_random_30`, ..."""
+    out = {"examples": len(tasks), "chance": statistics.fmean(t.chance for t in tasks), "acc_full": fid["full"]["acc"],
+           **{f"{k}_naive": fid["naive"][k] for k in ("kl", "acc", "top1", "kv_err")}, **shape}
+    for r in RATIOS:
+        p = round(r * 100)
+        for kind in ("blend", "random"):
+            f = fid[f"{kind}_{p:02d}"]
+            out.update({f"kl_{kind}_{p}": f["kl"], f"top1_{kind}_{p}": f["top1"], f"acc_{kind}_{p}": f["acc"],
+                        f"kv_err_{kind}_{p}": f["kv_err"], f"recompute_{kind}_{p}": f["frac"]})
+    out["kl_ratio_blend_15_vs_naive"] = out["kl_blend_15"] / out["kl_naive"] if out["kl_naive"] else float("nan")
+    return out
+
+
+def print_report(info: dict, out: dict, fid: dict, shape: dict, tt: dict) -> None:
+    rows = []
+    for name, _, _ in methods():
+        f, s = fid.get(name), tt.get(name)
+        rows.append([name] + ([f"{f['acc']:.3f}", f"{f['kl']:.4f}", f"{f['top1']:.3f}", f"{f['kv_err']:.3f}",
+                               f"{f['frac']:.3f}"] if f else ["-"] * 5) +
+                    ([f"{s['s'] * 1e3:.0f}", f"{s['ratio']:.3f}"] if s else ["-", "-"]))
+    print(f"\n{info['model']} ({info['model_layers']} layers); "
+          + (f"{out['examples']} held-out examples ({out['split']}), chance {out['chance']:.3f}; " if fid else "")
+          + (f"TTFT at {out['ttft_tokens']} tokens, median of {out['ttft_repeats']}, {out['threads']} thread(s)" if tt else ""))
+    print_table(["method", "accuracy", "KL vs full", "top-1 vs full", "KV error", "recompute", "TTFT ms", "TTFT / full"], rows)
+    if fid:
+        n = out["examples"]
+        for tag, label in (("", "blend"), ("random_", "random")):
+            for hi, lo in (("30", "15"), ("50", "30")):
+                k = f"{tag}worse_{hi}_than_{lo}"
+                print(f"per example: {label}_{hi} worse than {label}_{lo} on {shape[k]}/{n} (mean KL up "
+                      f"{shape[k + '_mean_up']:.4f} there, down {shape[k + '_mean_down']:.4f} on the others)")
+        print(f"per example: blend_15 worse than naive on {shape['worse_15_than_naive']}/{n}")
+        print(f"\ntargets at ratio 0.15: KL <= 0.25 x naive: {out['kl_ratio_blend_15_vs_naive']:.3f} x; top-1 >= 0.90: "
+              f"{out['top1_blend_15']:.3f}; accuracy within 1 point of full ({out['acc_full']:.3f}, chance "
+              f"{out['chance']:.3f}): {100 * (out['acc_blend_15'] - out['acc_full']):+.1f} points")
+    if tt:
+        print(f"target: TTFT <= 0.30 of full at {out['ttft_tokens']} tokens: {out['ttft_ratio_blend_15']:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="blend vs full prefill and naive reuse on held-out RAG questions")
     ap.add_argument("--quick", action="store_true", help="30 examples, 3 timing repeats")
@@ -180,6 +220,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="timing repeats (default 5; quick 3)")
     ap.add_argument("--context", type=int, default=4096, help="tokens of context for TTFT")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: TTFT ratios of one core)")
+    ap.add_argument("--part", default="all", choices=("all", "fidelity", "ttft"),
+                    help="run one part only (e.g. the two side by side in two processes on a busy machine)")
     d = BlendConfig()
     ap.add_argument("--deviation", default=d.deviation, choices=("k", "v", "kv"))
     ap.add_argument("--check-layer", type=int, default=d.check_layer)
@@ -198,11 +240,11 @@ def main() -> None:
 
     model, tok, info = load_bench_model(args.model)
     tasks, chat = load_tasks(args.model, args.split)
-    fid_tasks = tasks[:n_ex] if n_ex else tasks
+    fid_tasks = (tasks[:n_ex] if n_ex else tasks) if args.part != "ttft" else []
     store = TieredStore([MemoryTier(4 << 30)])
     template = PromptTemplate.chat(tok) if chat else PromptTemplate.plain()
     pipe = RagPipeline(model, tok, store, RagConfig(namespace="bench", template=template))
-    context = long_context(tasks, tok, args.context)
+    context = long_context(tasks, tok, args.context) if args.part != "fidelity" else []
     t = time.perf_counter()
     stats = pipe.precompute({str(i): p for i, p in enumerate(dict.fromkeys(
         [p for task in fid_tasks for p in task.passages] + context))})
@@ -210,47 +252,15 @@ def main() -> None:
     print(f"precomputed {stats.passages} passages ({stats.chunks_computed} chunks) in {time.perf_counter() - t:.1f} s; "
           f"prompt: {'chat template' if chat else 'plain'}; blend config: {config}", flush=True)
 
-    fid, shape = fidelity(pipe, tok, fid_tasks, base)
-    tt = ttft(pipe, base, tasks[0], context, repeats)
-    rows = []
-    for name, _, _ in methods():
-        f, s = fid[name], tt.get(name)
-        rows.append([name, f"{f['acc']:.3f}", f"{f['kl']:.4f}", f"{f['top1']:.3f}", f"{f['kv_err']:.3f}",
-                     f"{f['frac']:.3f}", f"{s['s'] * 1e3:.0f}" if s else "-", f"{s['ratio']:.3f}" if s else "-"])
-    chance = statistics.fmean(t.chance for t in fid_tasks)
-    print(f"\n{info['model']} ({info['model_layers']} layers); {len(fid_tasks)} held-out examples ({args.split if chat else 'cloze'}), "
-          f"chance {chance:.3f}; TTFT at {tt['tokens']} tokens of context, median of {repeats}")
-    print_table(["method", "accuracy", "KL vs full", "top-1 vs full", "KV error", "recompute", "TTFT ms", "TTFT / full"], rows)
-    n = len(fid_tasks)
-    for tag, label in (("", "blend"), ("random_", "random")):
-        for hi, lo in (("30", "15"), ("50", "30")):
-            k = f"{tag}worse_{hi}_than_{lo}"
-            print(f"per example: {label}_{hi} worse than {label}_{lo} on {shape[k]}/{n} (mean KL up {shape[k + '_mean_up']:.4f} "
-                  f"there, down {shape[k + '_mean_down']:.4f} on the others)")
-    print(f"per example: blend_15 worse than naive on {shape['worse_15_than_naive']}/{n}")
-    kl_naive = fid["naive"]["kl"]
-    out = {
-        **info, "examples": n, "split": args.split if chat else "cloze", "chance": chance, "ttft_tokens": tt["tokens"],
-        "ttft_full_s": tt["full_s"], "config": config, "acc_full": fid["full"]["acc"], "kl_naive": kl_naive,
-        "acc_naive": fid["naive"]["acc"], "top1_naive": fid["naive"]["top1"], "kv_err_naive": fid["naive"]["kv_err"],
-        "ttft_ratio_naive": tt["naive"]["ratio"], **shape,
-    }
-    for r in RATIOS:
-        p = round(r * 100)
-        for kind in ("blend", "random"):
-            name = f"{kind}_{p:02d}"
-            out[f"kl_{kind}_{p}"] = fid[name]["kl"]
-            out[f"top1_{kind}_{p}"] = fid[name]["top1"]
-            out[f"acc_{kind}_{p}"] = fid[name]["acc"]
-            out[f"kv_err_{kind}_{p}"] = fid[name]["kv_err"]
-            if name in tt:
-                out[f"ttft_ratio_{kind}_{p}"] = tt[name]["ratio"]
-            out[f"recompute_{kind}_{p}"] = fid[name]["frac"]
-    out["kl_ratio_blend_15_vs_naive"] = out["kl_blend_15"] / kl_naive if kl_naive else float("nan")
-    print(f"\ntargets at ratio 0.15: KL <= 0.25 x naive: {out['kl_ratio_blend_15_vs_naive']:.3f} x; top-1 >= 0.90: "
-          f"{out['top1_blend_15']:.3f}; accuracy within 1 point of full ({out['acc_full']:.3f}, chance {chance:.3f}): "
-          f"{100 * (out['acc_blend_15'] - out['acc_full']):+.1f} points; TTFT <= 0.30 of full at "
-          f"{tt['tokens']} tokens: {out['ttft_ratio_blend_15']:.3f}")
+    fid, shape = fidelity(pipe, tok, fid_tasks, base) if fid_tasks else ({}, {})
+    tt = ttft(pipe, base, tasks[0], context, repeats) if context else {}
+    out = {**info, "split": args.split if chat else "cloze", "config": config, "threads": args.threads}
+    if tt:
+        out.update(ttft_tokens=tt["tokens"], ttft_full_s=tt["full_s"], ttft_repeats=repeats,
+                   **{f"ttft_ratio_{m}": v["ratio"] for m, v in tt.items() if isinstance(v, dict)})
+    if fid:
+        out.update(fidelity_summary(fid, shape, fid_tasks))
+    print_report(info, out, fid, shape, tt)
     write_json(args.json, out)
 
 
