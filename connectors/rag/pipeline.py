@@ -167,7 +167,7 @@ class RagPipeline:
             ids = self.tokens(text)
             if ids.numel() == 0:
                 raise RagError(f"passage {pid!r} has no tokens")
-            self.passages[str(pid)] = Passage(str(pid), ids, text)
+            self.passages[str(pid)] = Passage(str(pid), ids, text, stored=True)
             n += 1
             new = self._store_standalone(ids)
             computed += new

@@ -82,3 +82,20 @@ def test_the_prefix_is_stored_once_and_reused_like_a_passage(shipped_chat):
     assert ((exact.logits - full.logits).abs().max() / full.logits.abs().max()).item() <= 1e-4
     ans = pipe.answer(ex.prompt_tail, list(ex.passages), max_new_tokens=2)
     assert ans.passages_from_store == len(ex.passages) and ans.recomputed == []
+
+
+def test_a_precomputed_passage_lost_from_the_store_is_reported_as_evicted(shipped_chat):
+    from benchmarks.models.evalset import load_rag
+
+    model, tok, _ = shipped_chat
+    ex = load_rag()[1]
+    store = TieredStore([MemoryTier(256 << 20)], chunk_tokens=64)
+    pipe = RagPipeline(model, tok, store, RagConfig(namespace="evict"))
+    pipe.precompute({f"p{i}": p for i, p in enumerate(ex.passages)})
+    ref = passage_refs(store, pipe.passages["p1"].tokens, fingerprint=pipe.fingerprint, namespace="evict")[0]
+    store.delete([ref.key])
+    ids = [f"p{i}" for i in range(len(ex.passages))]
+    ans = pipe.answer(ex.prompt_tail, passage_ids=ids, max_new_tokens=1)
+    assert [(s.id, s.from_store, s.reason) for s in ans.passages if not s.from_store] == [("p1", False, "evicted")]
+    by_text = pipe.answer(ex.prompt_tail, list(ex.passages), max_new_tokens=1)  # texts: not known to be stored
+    assert [s.reason for s in by_text.recomputed] == ["missing"]
