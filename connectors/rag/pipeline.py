@@ -27,7 +27,7 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -114,7 +114,7 @@ class RagPipeline:
     @classmethod
     def from_manifest(cls, model, tokenizer, store, manifest: Manifest | str | os.PathLike,
                       documents: Mapping[str, str] | str | os.PathLike, config: RagConfig = RagConfig()
-                      ) -> "RagPipeline":
+                      ) -> RagPipeline:
         """A pipeline over the passages a precompute job stored: the config's namespace and chunk size are
         the manifest's. `documents`: the corpus the job read (its path, or id -> text)."""
         from connectors.precompute import read_manifest

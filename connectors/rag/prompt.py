@@ -36,12 +36,12 @@ class PromptTemplate:
             raise RagError("the separator must not be empty (it keeps passages apart)")
 
     @classmethod
-    def plain(cls, separator: str = "\n\n") -> "PromptTemplate":
+    def plain(cls, separator: str = "\n\n") -> PromptTemplate:
         """`passage_1 SEP ... passage_n SEP question`: for base models without a chat template."""
         return cls("", separator, "")
 
     @classmethod
-    def chat(cls, tokenizer, system: str | None = None, separator: str = "\n\n") -> "PromptTemplate":
+    def chat(cls, tokenizer, system: str | None = None, separator: str = "\n\n") -> PromptTemplate:
         """The tokenizer's chat template around one user message `passages SEP question` (after the system
         turn: `system`, or the template's own default), ending with the assistant's header."""
         if not getattr(tokenizer, "chat_template", None):
@@ -55,7 +55,7 @@ class PromptTemplate:
         return cls(prefix, separator, suffix)
 
     @classmethod
-    def for_tokenizer(cls, tokenizer, system: str | None = None) -> "PromptTemplate":
+    def for_tokenizer(cls, tokenizer, system: str | None = None) -> PromptTemplate:
         """The chat template where the tokenizer has one, else `plain()`."""
         if getattr(tokenizer, "chat_template", None):
             return cls.chat(tokenizer, system)

@@ -3,7 +3,7 @@ the ids of the k best passages (ties: corpus order)."""
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from connectors.rag.errors import RagError
 
