@@ -15,8 +15,8 @@ new keys, and reported as changed).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
