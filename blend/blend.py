@@ -6,7 +6,8 @@ Per layer l, with A the rows whose input hidden state is known (all rows at laye
 2. at and after the check layer, choose A' within A: the fresh rows (no cached KV, the question, the last
    row) always, and the reused rows of highest KV deviation (fresh vs cached, `blend.select`) up to that
    layer's ratio; the check layer measures every reused row, the following layers narrow the choice
-   (gradual filtering) down to `config.ratio`;
+   (gradual filtering) down to `config.ratio`; optionally each passage's first `sink_tokens` first, and the
+   deviation weighted by the question's attention at the check layer (`question_weight`);
 3. write k, v of every row of A into the merged KV (they are exact: their inputs are), so that the
    KV of layer l is fresh for A and cached (re-rotated) for the rest;
 4. attention of the rows A' over the merged KV of layer l with the exact causal mask, then the MLP:

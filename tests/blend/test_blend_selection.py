@@ -9,7 +9,8 @@ import copy
 import pytest
 import torch
 
-from blend import BlendConfig, BlendInputError, Part, Segment, blend, passage_refs, store_segments
+from blend import (RECOMPUTE_REASONS, BlendConfig, BlendInputError, Part, Recomputed, Segment, blend, passage_refs,
+                   store_segments)
 from blend.select import select
 from connectors.hf import compute_chunks, model_fingerprint
 from kvstore.keys import ChunkKind
@@ -139,6 +140,8 @@ def test_recompute_reasons_are_reported(shipped):
     want = [(0, 64, "evicted")] + [(rows[2] + r.start, len(r.tokens), "missing") for r in third] + \
         [(rows[3], passages[0].numel(), "fingerprint mismatch")]
     assert got == want
+    assert all(isinstance(r, Recomputed) for r in res.report.recomputed)
+    assert {r.reason for r in res.report.recomputed} == set(RECOMPUTE_REASONS)
     assert res.report.summary()["recomputed"][0] == {"row": 0, "tokens": 64, "reason": "evicted"}
 
 
