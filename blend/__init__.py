@@ -4,7 +4,8 @@
 Public API:
 - `blend(model, segments, config) -> BlendResult`: the prompt's KV `[L, 2, T, H, D]`, the last position's
   logits `[V]`, and a `BlendReport` (rows reused / recomputed per layer, the check layer's deviations and
-  selection, per-layer time);
+  selection, per-layer time, and `Recomputed` rows: passages computed in full, with why, one of
+  `RECOMPUTE_REASONS`);
 - `Segment.cached(tokens, kv, start_pos)` / `Segment.fresh(tokens)`, `SegmentFetch` (KV fetched in the
   background), `BlendConfig`;
 - `store_segments(store, parts, fingerprint=..)` with `Part.passage(tokens)` / `Part.fresh(tokens)`: segments
@@ -18,9 +19,10 @@ from blend.errors import BlendError, BlendInputError, BlendModelError
 from blend.model import SUPPORTED_MODEL_TYPES, LayerDriver
 from blend.select import SELECTIONS, kv_deviation
 from blend.store import Part, passage_refs, store_segments
-from blend.types import BlendConfig, BlendReport, BlendResult, Segment, SegmentFetch
+from blend.types import RECOMPUTE_REASONS, BlendConfig, BlendReport, BlendResult, Recomputed, Segment, SegmentFetch
 
 __all__ = [
+    "RECOMPUTE_REASONS",
     "SELECTIONS",
     "SUPPORTED_MODEL_TYPES",
     "BlendConfig",
@@ -31,6 +33,7 @@ __all__ = [
     "BlendResult",
     "LayerDriver",
     "Part",
+    "Recomputed",
     "Segment",
     "SegmentFetch",
     "blend",

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from blend.errors import BlendInputError
-from blend.types import Segment, SegmentFetch
+from blend.types import Recomputed, Segment, SegmentFetch
 from kernels import RopeSpec, scatter_rows
 
 
@@ -40,6 +40,8 @@ class KVAssembler:
         self._ready = [threading.Event() for _ in range(shape[0])]
         self._error: BaseException | None = None
         self._hits = torch.zeros(shape[2], dtype=torch.bool)  # [T]
+        self._offsets = torch.full((shape[2],), -1, dtype=torch.int64)  # [T] stored position of cached rows
+        self.recomputed: list[Recomputed] = []  # fresh segments that stand in for stored KV (known after the fetch)
         self.fetch_seconds = 0.0
         self.wait_seconds = 0.0
         if all(i in self.skip for i in range(shape[0])):
@@ -67,6 +69,12 @@ class KVAssembler:
         """[T] bool: rows with cached KV (waits for the fetch)."""
         self._wait(self._fetched)
         return self._hits
+
+    def offsets(self) -> torch.Tensor:
+        """[T] int64: the position each cached row's KV was computed at (its place in its passage), -1 for
+        fresh rows (waits for the fetch)."""
+        self._wait(self._fetched)
+        return self._offsets
 
     def layer(self, i: int) -> torch.Tensor:
         """[2, T, H, D] view of layer i of the buffer, its cached rows written (waits for them)."""
@@ -116,6 +124,9 @@ class KVAssembler:
                 old_pos.append(torch.arange(s.start_pos, s.start_pos + n))
                 new_pos.append(torch.arange(row, row + n))
                 self._hits[row : row + n] = True
+                self._offsets[row : row + n] = old_pos[-1]
+            elif s.reason is not None:
+                self.recomputed.append(Recomputed(row, n, s.reason))
             row += n
         self._fetched.set()
         if not srcs:

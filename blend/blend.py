@@ -6,7 +6,8 @@ Per layer l, with A the rows whose input hidden state is known (all rows at laye
 2. at and after the check layer, choose A' within A: the fresh rows (no cached KV, the question, the last
    row) always, and the reused rows of highest KV deviation (fresh vs cached, `blend.select`) up to that
    layer's ratio; the check layer measures every reused row, the following layers narrow the choice
-   (gradual filtering) down to `config.ratio`;
+   (gradual filtering) down to `config.ratio`; optionally each passage's first `sink_tokens` first, and the
+   deviation weighted by the question's attention at the check layer (`question_weight`);
 3. write k, v of every row of A into the merged KV (they are exact: their inputs are), so that the
    KV of layer l is fresh for A and cached (re-rotated) for the rest;
 4. attention of the rows A' over the merged KV of layer l with the exact causal mask, then the MLP:
@@ -94,6 +95,20 @@ def blend(model, segments: Sequence[Segment] | SegmentFetch, config: BlendConfig
         asm.close()
 
 
+def _question_attention(driver: LayerDriver, layer: int, q: torch.Tensor, k: torch.Tensor, fresh: torch.Tensor,
+                        power: float) -> torch.Tensor | None:
+    """[T] fp32 on the CPU: the attention of the question (the fresh rows after the last reused one) to each row
+    at `layer`, raised to `power`; None when power is 0. q: [T, Hq, D], k: [T, H, D] of every row (the
+    check layer computes every row)."""
+    if not power:
+        return None
+    reused = (~fresh).nonzero()
+    tail = int(reused[-1]) + 1 if reused.numel() else 0
+    rows = torch.arange(tail, fresh.numel())  # [Nq], never empty: the last row is fresh
+    att = driver.attention_to(layer, q[rows.to(q.device)], rows, k).cpu()  # [T]
+    return att.clamp_min(1e-12) ** power
+
+
 def _run(driver: LayerDriver, asm: KVAssembler, ids: torch.Tensor, config: BlendConfig, mode: str,
          ratios: list[float], t_start: float) -> BlendResult:
     dev = driver.device
@@ -120,6 +135,8 @@ def _run(driver: LayerDriver, asm: KVAssembler, ids: torch.Tensor, config: Blend
         rows = known_fresh().nonzero().squeeze(1)
         hidden = hidden[rows.to(dev)]
     deviation: torch.Tensor | None = None
+    weight: torch.Tensor | None = None  # [T] question attention ** question_weight, from the check layer
+    sinks = torch.zeros(total, dtype=torch.bool)  # [T] reused rows always recomputed (a passage's first tokens)
     kv_fresh, computed, rows_per_layer, layer_s = [], [], [], []
     for layer in range(num_layers):
         t = time.perf_counter()
@@ -138,7 +155,10 @@ def _run(driver: LayerDriver, asm: KVAssembler, ids: torch.Tensor, config: Blend
                 if layer == check:
                     deviation = torch.full((total,), float("nan"))
                     deviation[rows[cand]] = dev_c
-                pick = select(config.selection, dev_c, count, gen)
+                    weight = _question_attention(driver, layer, q, k, known_fresh(), config.question_weight)
+                    sinks = (asm.offsets() < config.sink_tokens) & ~known_fresh()  # [T] bool
+                score = dev_c if weight is None else dev_c * weight[rows[cand]]
+                pick = select(config.selection, score, count, gen, sinks[rows[cand]])
                 keep = torch.cat([cand[pick], fresh.nonzero().squeeze(1)]).sort().values
         if rows.numel() == total:
             kv[0].copy_(k)
@@ -168,6 +188,7 @@ def _run(driver: LayerDriver, asm: KVAssembler, ids: torch.Tensor, config: Blend
         selected=[r[reused_mask[r]] for r in rows_per_layer],
         fresh_rows=fresh.nonzero().squeeze(1),
         deviation=deviation,
+        recomputed=list(asm.recomputed),
         layer_seconds=layer_s,
         load_wait_seconds=asm.wait_seconds,
         total_seconds=time.perf_counter() - t_start,

@@ -13,6 +13,8 @@ Primitives of `LayerDriver` (one per model; rows are prompt positions 0..T-1):
 - `attend_mlp(layer, hidden, q, rows, kv)`: the rest of the layer for query rows `rows` `[N]` (sorted)
   against the merged KV `kv` `[2, T, H, D]`, with the exact mask of the model: row p attends to every row
   <= p (and > p - window on sliding-window layers);
+- `attention_to(layer, q, rows, k)`: the attention `[T]` that query rows `rows` pay to each row of keys `k`
+  `[T, H, D]` (softmax over the rows each may see, mean over heads and query rows);
 - `logits(hidden)`: final norm + lm_head `[N, V]`.
 
 Supported: `model_type` llama, mistral, qwen2, qwen3 (grouped-query attention, any rope type that
@@ -132,6 +134,22 @@ class LayerDriver:
         out = out[0].transpose(0, 1)  # [N, Hq, D]
         hidden = hidden + attn.o_proj(out.reshape(out.shape[0], -1))
         return hidden + block.mlp(block.post_attention_layernorm(hidden))
+
+    def attention_to(self, layer: int, q: torch.Tensor, rows: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """q: [N, Hq, D] post-RoPE queries of rows `rows` [N] int64; k: [T, H, D] post-RoPE keys of rows 0..T-1.
+        Returns [T] fp32: each key row's attention weight, mean over the N rows and the Hq heads (0 where
+        no query row sees it)."""
+        group = self.num_heads // self.num_kv_heads
+        kk = k.float().repeat_interleave(group, dim=1)  # [T, Hq, D]
+        scores = torch.einsum("nhd,thd->hnt", q.float(), kk) * self.layers[layer].self_attn.scaling  # [Hq, N, T]
+        kpos = torch.arange(k.shape[0], device=k.device)
+        r = rows.to(k.device)
+        visible = kpos[None, :] <= r[:, None]  # [N, T]
+        window = self.windows[layer]
+        if window is not None:
+            visible &= kpos[None, :] > r[:, None] - window
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)  # [Hq, N, T]
+        return probs.mean((0, 1))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, E] output of the last layer -> logits [N, V]."""

@@ -42,7 +42,15 @@ SELECTIONS: dict[str, Callable[[torch.Tensor, int, torch.Generator], torch.Tenso
 }
 
 
-def select(name: str, deviation: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    """Indices [min(count, N)] int64 (CPU, sorted) of the candidates to keep."""
-    count = max(0, min(int(count), deviation.numel()))
-    return SELECTIONS[name](deviation, count, generator)
+def select(name: str, score: torch.Tensor, count: int, generator: torch.Generator,
+           forced: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices [min(count, N)] int64 (CPU, sorted) of the candidates to keep. score: [N] (higher: keep
+    first); forced: [N] bool, candidates kept before any other (the lowest indices first when they alone
+    exceed `count`)."""
+    count = max(0, min(int(count), score.numel()))
+    if forced is None or not bool(forced.any()):
+        return SELECTIONS[name](score, count, generator)
+    must = forced.nonzero().squeeze(1)[:count]  # [F]
+    rest = (~forced).nonzero().squeeze(1)  # [N - F]
+    more = SELECTIONS[name](score[rest], count - must.numel(), generator)
+    return torch.cat([must, rest[more]]).sort().values

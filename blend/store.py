@@ -8,7 +8,9 @@ stored too, so short passages hit.
 
 `store_segments(store, parts, fingerprint=..)` -> a `SegmentFetch`: the token ids now, and a `fetch()` that
 gets every passage chunk in one batched `store.get` (token ids verified on hit). A chunk no tier holds
-becomes a fresh segment: blend computes it, it is not an error.
+becomes a fresh segment: blend computes it, it is not an error, and its report says why: "missing", or
+"evicted" for a passage known to have been stored (`Part.passage(ids, stored=True)`, e.g. from a precompute
+manifest). A passage whose stored KV cannot serve this model is given as `Part.fresh(ids, reason=...)`.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from typing import Sequence
 import torch
 
 from blend.errors import BlendInputError
-from blend.types import Segment, SegmentFetch, as_ids
-from kvstore.keys import ChunkKind, ChunkRef
+from blend.types import RECOMPUTE_REASONS, Segment, SegmentFetch, as_ids
+from kvstore.keys import DEFAULT_NAMESPACE, ChunkKind, ChunkRef, chunk_refs
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -29,46 +31,55 @@ class Part:
 
     tokens: torch.Tensor  # [T] int64
     lookup: bool
+    stored: bool = False  # a passage known to have been stored (a miss is "evicted", else "missing")
+    reason: str | None = None  # fresh tokens standing in for a passage: why (`blend.RECOMPUTE_REASONS`)
 
     @classmethod
-    def passage(cls, tokens) -> "Part":
-        return cls(as_ids(tokens), True)
+    def passage(cls, tokens, *, stored: bool = False) -> "Part":
+        return cls(as_ids(tokens), True, stored)
 
     @classmethod
-    def fresh(cls, tokens) -> "Part":
-        return cls(as_ids(tokens), False)
+    def fresh(cls, tokens, reason: str | None = None) -> "Part":
+        if reason is not None and reason not in RECOMPUTE_REASONS:
+            raise BlendInputError(f"reason must be one of {RECOMPUTE_REASONS}, got {reason!r}")
+        return cls(as_ids(tokens), False, False, reason)
 
 
-def passage_refs(store, tokens, *, fingerprint: str, namespace: str = "default") -> list[ChunkRef]:
-    """The standalone chunk refs of one passage (the trailing partial chunk included)."""
-    return store.chunk_refs(as_ids(tokens), fingerprint=fingerprint, namespace=namespace, kind=ChunkKind.STANDALONE,
-                            include_partial=True)
+def passage_refs(store, tokens, *, fingerprint: str, namespace: str = DEFAULT_NAMESPACE,
+                 chunk_tokens: int | None = None) -> list[ChunkRef]:
+    """The standalone chunk refs of one passage (the trailing partial chunk included), in chunks of
+    `chunk_tokens` (default: the store's)."""
+    return chunk_refs(as_ids(tokens).numpy(), namespace=namespace, fingerprint=fingerprint,
+                      chunk_tokens=chunk_tokens or store.chunk_tokens, kind=ChunkKind.STANDALONE, include_partial=True)
 
 
-def store_segments(store, parts: Sequence[Part], *, fingerprint: str, namespace: str = "default") -> SegmentFetch:
+def store_segments(store, parts: Sequence[Part], *, fingerprint: str, namespace: str = DEFAULT_NAMESPACE,
+                   chunk_tokens: int | None = None) -> SegmentFetch:
     """A `SegmentFetch` over `parts` in prompt order: one segment per passage chunk, one per fresh part."""
-    plan: list[ChunkRef | torch.Tensor] = []  # a ref to look up, or fresh tokens [T]
+    plan: list[tuple[ChunkRef | torch.Tensor, Part]] = []  # (a ref to look up, or fresh tokens [T]; its part)
     for p in parts:
         if not isinstance(p, Part):
             raise BlendInputError(f"parts must be Part objects, got {type(p).__name__}")
         if p.tokens.numel() == 0:
             continue
         if p.lookup:
-            plan.extend(passage_refs(store, p.tokens, fingerprint=fingerprint, namespace=namespace))
+            plan.extend((r, p) for r in passage_refs(store, p.tokens, fingerprint=fingerprint, namespace=namespace,
+                                                     chunk_tokens=chunk_tokens))
         else:
-            plan.append(p.tokens)
-    tokens = [torch.from_numpy(x.tokens.astype("int64")) if isinstance(x, ChunkRef) else x for x in plan]
-    refs = [x for x in plan if isinstance(x, ChunkRef)]
+            plan.append((p.tokens, p))
+    tokens = [torch.from_numpy(x.tokens.astype("int64")) if isinstance(x, ChunkRef) else x for x, _ in plan]
+    refs = [x for x, _ in plan if isinstance(x, ChunkRef)]
 
     def fetch() -> list[Segment]:
         got = iter(store.get(refs) if refs else [])
         out = []
-        for x, tok in zip(plan, tokens):
+        for (x, part), tok in zip(plan, tokens):
             if isinstance(x, ChunkRef):
                 chunk = next(got)
-                out.append(Segment.fresh(tok) if chunk is None else Segment.cached(tok, chunk.kv, chunk.start_pos))
+                out.append(Segment.fresh(tok, "evicted" if part.stored else "missing") if chunk is None
+                           else Segment.cached(tok, chunk.kv, chunk.start_pos))
             else:
-                out.append(Segment.fresh(tok))
+                out.append(Segment.fresh(tok, part.reason))
         return out
 
     return SegmentFetch(tokens, fetch)

@@ -23,6 +23,9 @@ from kvstore.keys import as_token_array
 
 Deviation = Literal["k", "v", "kv"]
 DEVIATIONS = ("k", "v", "kv")
+# Why a passage's chunk is computed in full instead of loaded: never stored (or not under these keys), stored
+# once but gone (a manifest lists it: evicted or lost), or stored for another model (fingerprint mismatch).
+RECOMPUTE_REASONS = ("missing", "evicted", "fingerprint mismatch")
 
 
 def as_ids(tokens) -> torch.Tensor:
@@ -42,6 +45,7 @@ class Segment:
     tokens: torch.Tensor  # [T] int64
     kv: torch.Tensor | None = None  # [L, 2, T, H, D], keys post-RoPE at start_pos + j
     start_pos: int = 0
+    reason: str | None = None  # a fresh segment standing in for stored KV: why it is computed (`RECOMPUTE_REASONS`)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tokens", as_ids(self.tokens))
@@ -57,10 +61,13 @@ class Segment:
                 raise BlendInputError(f"segment KV must be floating point, got {kv.dtype}")
         if not isinstance(self.start_pos, int) or self.start_pos < 0:
             raise BlendInputError(f"start_pos must be an int >= 0, got {self.start_pos!r}")
+        if self.reason is not None and (self.kv is not None or self.reason not in RECOMPUTE_REASONS):
+            raise BlendInputError(f"reason is for fresh segments, one of {RECOMPUTE_REASONS}, got {self.reason!r}")
 
     @classmethod
-    def fresh(cls, tokens) -> "Segment":
-        return cls(tokens)
+    def fresh(cls, tokens, reason: str | None = None) -> "Segment":
+        """Tokens to compute; `reason` where they stand in for stored KV that could not be used."""
+        return cls(tokens, None, 0, reason)
 
     @classmethod
     def cached(cls, tokens, kv: torch.Tensor, start_pos: int = 0) -> "Segment":
@@ -92,6 +99,12 @@ class BlendConfig:
       linearly over `filter_layers` layers down to `ratio` (gradual filtering; 1.0 / 0 = no filtering).
     deviation: what is compared: keys "k", values "v", or both "kv" (L2 over heads and dims, per token).
     selection: "deviation" (highest deviation first) or "random" (the baseline), see `blend.select`.
+    sink_tokens: the first `sink_tokens` tokens of every cached passage (those stored at positions below it)
+      are always among the recomputed ones (counted in the ratio): computed alone, a passage's first tokens
+      are its attention sinks, which they are not in the whole prompt.
+    question_weight: rank reused tokens by `deviation * attention ** question_weight`, the attention being
+      the question's (the fresh rows after the last cached one) at the check layer, mean over heads and
+      rows; 0 ranks by deviation alone.
     seed: random selection's seed.
     overlap: assemble the cached KV (fetch, re-rotation) in a background thread, layer i+1 while layer i
       computes; False does it inline, first.
@@ -103,6 +116,8 @@ class BlendConfig:
     filter_layers: int = 0
     deviation: Deviation = "kv"
     selection: str = "deviation"
+    sink_tokens: int = 0
+    question_weight: float = 0.0
     seed: int = 0
     overlap: bool = True
 
@@ -115,6 +130,10 @@ class BlendConfig:
             raise BlendInputError(f"widen must be >= 1, got {self.widen!r}")
         if not isinstance(self.filter_layers, int) or self.filter_layers < 0:
             raise BlendInputError(f"filter_layers must be an int >= 0, got {self.filter_layers!r}")
+        if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
+            raise BlendInputError(f"sink_tokens must be an int >= 0, got {self.sink_tokens!r}")
+        if not isinstance(self.question_weight, (int, float)) or not 0.0 <= self.question_weight <= 4.0:
+            raise BlendInputError(f"question_weight must be in [0, 4], got {self.question_weight!r}")
         if self.deviation not in DEVIATIONS:
             raise BlendInputError(f"deviation must be one of {DEVIATIONS}, got {self.deviation!r}")
         from blend.select import SELECTIONS
@@ -140,6 +159,15 @@ class BlendConfig:
         return out
 
 
+@dataclass(frozen=True, slots=True)
+class Recomputed:
+    """Rows of a passage computed in full because their stored KV could not be used."""
+
+    row: int  # first row in the prompt
+    tokens: int
+    reason: str  # one of RECOMPUTE_REASONS
+
+
 @dataclass(slots=True)
 class BlendReport:
     """What blend did. Rows are prompt positions; "reused" rows are those with cached KV."""
@@ -152,6 +180,7 @@ class BlendReport:
     selected: list[torch.Tensor]  # per layer: [n_l] int64 sorted reused rows whose KV was recomputed
     fresh_rows: torch.Tensor  # [fresh] int64 sorted
     deviation: torch.Tensor | None  # [T] fp32 at the check layer, NaN where no cached KV; None: no check
+    recomputed: list[Recomputed] = field(default_factory=list)  # fresh segments standing in for stored KV, with why
     layer_seconds: list[float] = field(default_factory=list)
     load_wait_seconds: float = 0.0  # time the compute waited for cached KV
     total_seconds: float = 0.0
@@ -165,6 +194,7 @@ class BlendReport:
         return {"num_tokens": self.num_tokens, "reused": self.reused, "fresh": self.fresh,
                 "kv_fresh": list(self.kv_fresh), "computed": list(self.computed),
                 "recompute_fraction": round(self.recompute_fraction, 4),
+                "recomputed": [{"row": r.row, "tokens": r.tokens, "reason": r.reason} for r in self.recomputed],
                 "layer_ms": [round(s * 1e3, 3) for s in self.layer_seconds],
                 "load_wait_ms": round(self.load_wait_seconds * 1e3, 3),
                 "total_ms": round(self.total_seconds * 1e3, 3)}

@@ -65,7 +65,10 @@ def main() -> None:
         print(f"\n{ex.question}  (retrieved {found}/{len(ex.passages)} of its own passages: {', '.join(ids)})")
         print(f"  expected: {ex.target!r}")
         print(f"  blend:    {blended.text!r}  TTFT {blended.ttft_seconds * 1e3:.0f} ms, "
+              f"{blended.passages_from_store}/{len(ids)} passages from the store, "
               f"{blended.report.reused} tokens reused, {blended.report.recompute_fraction:.0%} of the work")
+        for s in blended.recomputed:
+            print(f"            passage {s.id} computed: {s.reason}")
         print(f"  full:     {full.text!r}  TTFT {full.ttft_seconds * 1e3:.0f} ms  ({time.perf_counter() - t:.1f} s both)")
     n = min(args.questions, len(examples))
     print(f"\nexact answers: blend {right['blend']}/{n}, full prefill {right['full']}/{n}")

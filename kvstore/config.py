@@ -46,7 +46,7 @@ else:  # pragma: no cover
 import platformdirs
 
 from kvstore.errors import ConfigError
-from kvstore.keys import validate_namespace
+from kvstore.keys import DEFAULT_NAMESPACE, validate_namespace
 
 if TYPE_CHECKING:
     from codec import Codec
@@ -271,7 +271,7 @@ class ServerConfig:
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
     chunk_tokens: int = 256
-    namespace: str = "default"
+    namespace: str = DEFAULT_NAMESPACE
     write_through: bool = True
     promote_on_hit: bool = True
     max_pending_bytes: int = 1 << 30

@@ -36,6 +36,9 @@ TOKEN_DTYPE = np.dtype("<u4")
 PREFIX_ROOT = ChunkHash(bytes(HASH_BYTES))
 STANDALONE_ROOT = ChunkHash(b"\xff" * HASH_BYTES)
 
+# The one default namespace: what `kvstore precompute` writes under and what the RAG API and the engine
+# connectors read, unless configured otherwise.
+DEFAULT_NAMESPACE = "default"
 # Namespaces become directory names and key prefixes: keep them to a safe, short alphabet.
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 _MAX_FINGERPRINT_BYTES = 255

@@ -35,7 +35,7 @@ import torch
 
 from kvstore.chunk import Chunk, deliver
 from kvstore.errors import InvalidChunkError
-from kvstore.keys import ChunkKey, ChunkKind, ChunkRef, chunk_refs
+from kvstore.keys import DEFAULT_NAMESPACE, ChunkKey, ChunkKind, ChunkRef, chunk_refs
 from kvstore.tiers.base import Counters, Durability, Tier
 from kvstore.tiers.byte_tier import Buffer, ByteTier, Check, RecordBytes, RecordParts
 from kvstore.writer import BoundedWriter
@@ -95,10 +95,10 @@ class TieredStore:
 
     # -- keys and lookup -----------------------------------------------------------------------------
 
-    def chunk_refs(self, tokens, *, fingerprint: str, namespace: str = "default", kind: ChunkKind = ChunkKind.PREFIX, include_partial: bool = False) -> list[ChunkRef]:
+    def chunk_refs(self, tokens, *, fingerprint: str, namespace: str = DEFAULT_NAMESPACE, kind: ChunkKind = ChunkKind.PREFIX, include_partial: bool = False) -> list[ChunkRef]:
         return chunk_refs(tokens, namespace=namespace, fingerprint=fingerprint, chunk_tokens=self.chunk_tokens, kind=kind, include_partial=include_partial)
 
-    def lookup(self, tokens, *, fingerprint: str, namespace: str = "default") -> int:
+    def lookup(self, tokens, *, fingerprint: str, namespace: str = DEFAULT_NAMESPACE) -> int:
         """Number of leading tokens whose chunks are all stored (a multiple of `chunk_tokens`)."""
         refs = self.chunk_refs(tokens, fingerprint=fingerprint, namespace=namespace)
         n = self.lookup_refs(refs)

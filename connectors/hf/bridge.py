@@ -29,7 +29,7 @@ import xxhash
 from transformers import DynamicCache
 
 from kvstore.chunk import Chunk, KVLayout
-from kvstore.keys import ChunkKind, chunk_refs
+from kvstore.keys import DEFAULT_NAMESPACE, ChunkKind, chunk_refs
 
 
 def kv_layout(model) -> KVLayout:
@@ -128,7 +128,7 @@ def compute_chunks(
     token_ids,
     *,
     fingerprint: str,
-    namespace: str = "default",
+    namespace: str = DEFAULT_NAMESPACE,
     chunk_tokens: int = 256,
     kind: ChunkKind = ChunkKind.PREFIX,
     include_partial: bool = False,

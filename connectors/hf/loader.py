@@ -30,7 +30,7 @@ import torch
 from connectors.hf.bridge import Prefill, cache_layers, decode_greedy, kv_from_layers, kv_to_cache, model_fingerprint, run_cached
 from kvstore.chunk import Chunk
 from kvstore.errors import InvalidTokensError
-from kvstore.keys import ChunkRef, as_token_array
+from kvstore.keys import DEFAULT_NAMESPACE, ChunkRef, as_token_array
 from kvstore.store import TieredStore
 from kvstore.writer import BoundedWriter
 
@@ -70,7 +70,7 @@ class HFConnector:
                  store_new: bool = True) -> None:
         self.model = model
         self.store = store
-        self.namespace = namespace or "default"
+        self.namespace = namespace or DEFAULT_NAMESPACE
         self.fingerprint = fingerprint or model_fingerprint(model)
         self.store_new = store_new
         self.chunk_tokens = store.chunk_tokens

@@ -36,7 +36,7 @@ from connectors.precompute.corpus import BadEntry, CorpusItem, Document
 from connectors.precompute.errors import PrecomputeError
 from connectors.precompute.manifest import ManifestChunk, ManifestHeader, ManifestRecord, ManifestWriter
 from kvstore.chunk import Chunk
-from kvstore.keys import ChunkKind, TOKEN_DTYPE, validate_namespace
+from kvstore.keys import DEFAULT_NAMESPACE, TOKEN_DTYPE, ChunkKind, validate_namespace
 from kvstore.tiers.base import Tier
 from kvstore.writer import BoundedWriter
 
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class PrecomputeOptions:
     kind: ChunkKind = ChunkKind.PREFIX  # PREFIX: whole documents; STANDALONE: passages for blend/RAG
-    namespace: str = "default"
+    namespace: str = DEFAULT_NAMESPACE
     chunk_tokens: int = 256
     passage_tokens: int | None = None  # STANDALONE only: split documents into passages of this many tokens
     add_special_tokens: bool = False  # let the tokenizer add BOS etc. (must match how prompts are tokenized)
