@@ -33,7 +33,7 @@ def test_one_default_namespace_for_the_job_the_command_line_and_the_pipeline():
 def chain(tmp_path_factory):
     """A sidecar holding a corpus precomputed as passages (default namespace), its manifest and corpus."""
     from benchmarks.models.evalset import load_rag
-    from kvstore.service import TokenTable, make_app, server_codec
+    from kvstore.service import TokenTable, make_app
     from tests.support.service import ServiceThread
 
     tmp = tmp_path_factory.mktemp("chain")
@@ -44,9 +44,9 @@ def chain(tmp_path_factory):
                               for i, ex in enumerate(examples) for j, p in enumerate(ex.passages)))
     server_cfg = load_config(None, {}, {"disk.path": str(tmp / "sidecar"), "memory.enabled": "false",
                                         "chunk_tokens": str(CHUNK)})
-    server_store = build_store(server_cfg)
+    server_store = build_store(server_cfg, records=True)
     table = TokenTable({"s3cret": [DEFAULT_NAMESPACE]})
-    svc = ServiceThread(lambda: make_app(server_store, server_codec(server_cfg), ServerConfig(), table)).start()
+    svc = ServiceThread(lambda: make_app(server_store, ServerConfig(), table)).start()
     client = {"sidecar.url": svc.url, "sidecar.token": "s3cret", "sidecar.codec": "raw", "chunk_tokens": str(CHUNK)}
     target = build_target(load_config(None, {}, client))
     manifest = tmp / "manifest.jsonl"
