@@ -24,7 +24,7 @@ from codec import rans
 from codec.base import Codec, CodecError, register
 from codec.cachegen_quant import (_OUT_BITS, LEVELS, Level, _bf16_to_f32, _quantize, chunk_tables, count_symbols,
                                   dequantize_values, pack_tables, quantize, steps, unpack_tables)
-from codec.codebook import Codebook, codebooks
+from codec.codebook import Codebook, codebooks, missing_codebooks
 
 FORMAT_VERSION = 1
 PARAMS_VERSION = 1
@@ -57,12 +57,15 @@ class CacheGenCodec(Codec):
     name = "cachegen"
     lossless = False
 
-    def __init__(self, level: int = 2, codebook: Codebook | None = None) -> None:
+    def __init__(self, level: int = 2, codebook: Codebook | None = None, fingerprint: str | None = None) -> None:
+        """`fingerprint`: the model whose chunks this codec encodes, where `bind` found no codebook for it:
+        each chunk encoded is then counted in `codec.codebook.missing_codebooks` (a warning the first time)."""
         if level not in LEVELS:
             raise CodecError(f"cachegen level must be one of {sorted(LEVELS)}, got {level}")
         self.level = level
         self.spec = LEVELS[level]
         self.codebook = codebook
+        self.fingerprint = codebook.fingerprint if codebook is not None else fingerprint
         self._bound: dict[str, CacheGenCodec] = {}
 
     # -- parameters and model binding --
@@ -90,14 +93,19 @@ class CacheGenCodec(Codec):
         return cls(level, codebook)
 
     def bind(self, fingerprint: str) -> "CacheGenCodec":
-        """This codec with the codebook of the model `fingerprint` names, where one is registered (else the
-        per-chunk tables)."""
+        """This codec with the codebook of the model `fingerprint` names, where one is registered; else the
+        per-chunk tables, counted and warned about (`missing_codebooks`). A miss is looked up again on the
+        next bind (the registry rescans its folders at most every few seconds), so a codebook profiled
+        meanwhile is picked up."""
         if self.codebook is not None and self.codebook.fingerprint == fingerprint:
             return self
         bound = self._bound.get(fingerprint)
-        if bound is None:
+        if bound is None or bound.codebook is None:
             cb = codebooks.for_fingerprint(fingerprint)
-            bound = self._bound[fingerprint] = CacheGenCodec(self.level, cb) if cb is not None else CacheGenCodec(self.level)
+            if cb is not None:
+                bound = self._bound[fingerprint] = CacheGenCodec(self.level, cb)
+            elif bound is None:
+                bound = self._bound[fingerprint] = CacheGenCodec(self.level, fingerprint=fingerprint)
         return bound
 
     # -- encode --
@@ -120,6 +128,8 @@ class CacheGenCodec(Codec):
             tables = self.codebook.tables(self.level)
             parts.append(step_bits.astype("<u2").tobytes())
         else:
+            if self.fingerprint is not None:
+                missing_codebooks.count(self.fingerprint)
             sym = np.empty(x.size, dtype=np.uint8)
             _quantize(*rans.kernel_input(x, kind), n_tok, n_chan, step, self.spec.m, sym)
             freq = chunk_tables(sym.reshape(layers * 2, n_tok, n_chan), self.spec)

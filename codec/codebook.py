@@ -11,6 +11,9 @@ Primitives:
 - `CodebookRegistry`: codebooks by model fingerprint (for encoding) and by digest (for decoding), loaded
   from directories: `default_codebook_dirs()` = the user's `~/.cache/kvstore/codebooks` and the
   `connectors/assets/*/` folders shipped beside this package. `codebooks` is the process-wide instance.
+- `MissingCodebooks`: chunks of a model that had to be encoded without its codebook (per-chunk tables,
+  ~7% more bits), counted per fingerprint and logged as a warning once per fingerprint;
+  `missing_codebooks` is the process-wide instance (the store's stats and the sidecar's metrics read it).
 
 A record names its codebook by digest, so a codebook that changes can never decode old records wrongly:
 an unknown digest is a `CodecError`, which the store counts as a miss.
@@ -18,6 +21,7 @@ an unknown digest is a `CodecError`, which the store counts as a miss.
 
 from __future__ import annotations
 
+import logging
 import struct
 import threading
 import time
@@ -36,6 +40,8 @@ VERSION = 1
 SUFFIX = ".kvcb"
 _HEAD = struct.Struct("<4sHBHIB")  # magic, version, PREC, layers, channels, n_levels
 _MAX_FILE = 256 << 20
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -196,3 +202,29 @@ class CodebookRegistry:
 
 
 codebooks = CodebookRegistry()
+
+
+class MissingCodebooks:
+    """Chunks encoded without a codebook although their model was named: per fingerprint, how many. The
+    first one of each fingerprint logs a warning that says how to profile the codebook."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def count(self, fingerprint: str, chunks: int = 1) -> None:
+        with self._lock:
+            first = fingerprint not in self._counts
+            self._counts[fingerprint] = self._counts.get(fingerprint, 0) + chunks
+        if first:
+            log.warning("no cachegen codebook for model %s: its chunks carry per-chunk tables (~7%% more bits); "
+                        "profile one with `python -m connectors.profile --model ... --dtype ...` "
+                        "in the dtype the model is served in (see docs/CODEC.md)", fingerprint)
+
+    def snapshot(self) -> dict[str, int]:
+        """{fingerprint: chunks encoded with per-chunk tables} since the process started."""
+        with self._lock:
+            return dict(self._counts)
+
+
+missing_codebooks = MissingCodebooks()

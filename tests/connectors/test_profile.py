@@ -1,0 +1,41 @@
+"""`python -m connectors.profile`: the codebook is written under the fingerprint of the model as it will be
+served (its dtype included), which is the fingerprint the connectors compute, so cachegen then finds it."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from codec.codebook import Codebook, CodebookRegistry  # noqa: E402
+from connectors.hf import HFConnector, model_fingerprint  # noqa: E402
+from connectors.models import load_model  # noqa: E402
+from connectors.profile import main  # noqa: E402
+from kvstore.store import TieredStore  # noqa: E402
+from kvstore.tiers import MemoryTier  # noqa: E402
+
+TEXT = ("The river rose slowly through the night, and by morning the lower fields were under water. "
+        "Farmers moved their animals to the hills while the children watched the boats go by. ") * 12
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_codebook_fingerprint_is_the_served_models(tmp_path, dtype):
+    texts = tmp_path / "texts.txt"
+    texts.write_text(TEXT + "\n" + TEXT.upper() + "\n")
+    out = tmp_path / "codebooks"
+    assert main(["--model", "tiny", "--dtype", dtype, "--texts", str(texts), "--out", str(out), "--chunks", "2"]) == 0
+    (path,) = out.glob("*.kvcb")
+    cb = Codebook.load(path)
+    served, _ = load_model("tiny", getattr(torch, dtype))
+    connector = HFConnector(served, TieredStore([MemoryTier(1 << 20)], chunk_tokens=32))
+    assert cb.fingerprint == model_fingerprint(served) == connector.fingerprint
+    assert f"-{dtype}-" in cb.fingerprint
+    other = "float32" if dtype == "bfloat16" else "bfloat16"
+    assert cb.fingerprint != model_fingerprint(load_model("tiny", getattr(torch, other))[0])
+    # the registry cachegen binds through finds it under the fingerprint the connector stores with
+    found = CodebookRegistry([out]).for_fingerprint(connector.fingerprint)
+    assert found is not None and found.digest == cb.digest
