@@ -54,9 +54,11 @@ def read_texts(path: Path) -> list[str]:
 def sample_chunks(model, tokenizer, texts: list[str], max_chunks: int) -> Iterator[torch.Tensor]:
     """KV [L, 2, 256, H, D] of up to `max_chunks` full 256-token chunks of `texts`, prefilled by `model`."""
     n = 0
+    limit = getattr(model.config, "max_position_embeddings", None) or 1 << 30
     for text in texts:
         ids = torch.tensor(tokenizer.encode(text))
-        full = (len(ids) // CHUNK) * CHUNK
+        # whole chunks, within the model's positions and no more than are still wanted
+        full = min(len(ids), limit, (max_chunks - n) * CHUNK) // CHUNK * CHUNK
         if full == 0:
             continue
         kv = prefill_kv(model, ids[:full]).cpu()  # [L, 2, T, H, D]
