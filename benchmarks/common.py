@@ -41,18 +41,20 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1,
     return statistics.median(times)
 
 
-def paired(ours: Callable[[], object], ceiling: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Median seconds of `ours` and `ceiling`, run alternately so both see the same machine state."""
-    ours(), ceiling()
-    a, b = [], []
+def paired(ours: Callable[[], object], ceiling: Callable[[], object], repeats: int,
+           *others: Callable[[], object]) -> tuple[float, ...]:
+    """Median seconds of `ours`, `ceiling` (and of each of `others`), run in turn so that all see the
+    same machine state."""
+    fns = (ours, ceiling, *others)
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t = time.perf_counter()
-        ours()
-        a.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        ceiling()
-        b.append(time.perf_counter() - t)
-    return statistics.median(a), statistics.median(b)
+        for fn, ts in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    return tuple(statistics.median(ts) for ts in times)
 
 
 def print_table(headers: list[str], rows: list[list[object]]) -> None:

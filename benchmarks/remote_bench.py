@@ -1,11 +1,17 @@
-"""Remote tiers beside their raw clients, and a bounded load test of the sidecar, all on loopback.
+"""Remote tiers beside their ceilings, and a bounded load test of the sidecar, all on loopback.
 
     python -m benchmarks.remote_bench [--quick] [--json PATH] [--load-seconds N]
 
-- Redis tier put/get of 32 MiB chunks beside raw redis-py SET/GET of the same record bytes, alternating
-  in one run (ratio = raw time / our time). Needs `redis-server` on PATH; a private server is started.
-- The sidecar (`kvstore serve` in a subprocess, disk tier with fsync, raw codec) through `SidecarTier`:
-  put and get GB/s of 32 MiB chunks and the p99 latency, beside raw redis-py of the same bytes.
+Every figure is a median, each run alternately with its ceiling so both see the same machine state;
+ratio = ceiling time / our time. Records of 32 MiB (`[32, 2, 256, 8, 128]` fp16) and 2 MiB, raw codec.
+- Redis tier put / get (into a preallocated buffer, as an engine reads) beside raw redis-py SET / GET of
+  the same record bytes. A private Redis-compatible server is started (`benchmarks.servers`).
+- The sidecar (`kvstore serve` in a subprocess, the default store: records in memory, then on disk with
+  the default durability, named in the table) through `SidecarTier`: put, and get into a preallocated
+  buffer, beside the loopback ceiling (`SocketCeiling`: one socket moving the same bytes to another
+  process), raw redis-py, and (puts) writing the same bytes to a new file beside the sidecar's (what a
+  put that lands on disk costs at least: new pages of the page cache). A second sidecar without a memory tier serves gets from its disk tier
+  (sendfile from the page cache).
 - Load test: 16 client threads put and get 2 MiB chunks against the sidecar for a bounded time; every get
   is checked against the digest of what was put. Reports throughput, p50/p99, errors, lost and corrupt.
 """
@@ -13,8 +19,8 @@
 from __future__ import annotations
 
 import argparse
+import json
 import random
-import statistics
 import tempfile
 import threading
 import time
@@ -23,19 +29,19 @@ from pathlib import Path
 import numpy as np
 import redis
 import torch
+import urllib3
 import xxhash
 
 from benchmarks.common import paired, print_table, write_json
+from benchmarks.servers import RedisServer, ServeProcess, SocketCeiling
 from codec import make_codec
 from kvstore.chunk import Chunk
 from kvstore.keys import chunk_refs
 from kvstore.record import encode_record
-from kvstore.tiers import SidecarTier, RedisTier
-from benchmarks.servers import RedisServer
-from benchmarks.servers import ServeProcess
+from kvstore.tiers import RedisTier, SidecarTier
 
-SHAPE_32M = (32, 2, 256, 8, 128)  # fp16, 32 MiB
-SHAPE_2M = (8, 2, 256, 2, 128)  # fp16, 2 MiB
+SHAPES = {"32MiB": (32, 2, 256, 8, 128), "2MiB": (8, 2, 256, 2, 128)}  # fp16
+SHAPE_2M = SHAPES["2MiB"]
 
 
 def chunks(shape, n: int, seed: int, namespace: str = "bench") -> list[Chunk]:
@@ -45,55 +51,90 @@ def chunks(shape, n: int, seed: int, namespace: str = "bench") -> list[Chunk]:
     return [Chunk.from_ref(r, kv) for r in refs]
 
 
-def bench_redis(workdir: Path, repeats: int) -> dict:
-    server = RedisServer(workdir / "redis").start()
-    try:
-        tier = RedisTier(server.url, make_codec("raw"), timeout=30)
-        raw = redis.Redis.from_url(server.url, socket_timeout=30)
-        cs = chunks(SHAPE_32M, repeats + 2, seed=1)
-        header, payload = encode_record(cs[0], make_codec("raw"))
-        value = bytes(header) + bytes(payload)
-        it = iter(cs)
-        n = iter(range(10**9))
-        put_s, raw_put_s = paired(lambda: tier.put([next(it)]), lambda: raw.set(f"raw:{next(n)}", value), repeats)
-        keys = [c.key for c in cs[:repeats]]
-        kit = iter(keys * 3)
-        get_s, raw_get_s = paired(lambda: tier.get([next(kit)]), lambda: raw.get("raw:0"), repeats)
-        nbytes = len(value)
-        tier.close()
-        raw.flushall()
-        return {"bytes": nbytes, "put_s": put_s, "raw_put_s": raw_put_s, "get_s": get_s, "raw_get_s": raw_get_s}
-    finally:
-        server.kill()
+def record_bytes(c: Chunk) -> bytes:
+    header, payload = encode_record(c, make_codec("raw"))
+    return bytes(header) + bytes(payload)
 
 
-def start_sidecar(workdir: Path) -> tuple[ServeProcess, str]:
+def bench_redis(url: str, shape, repeats: int, seed: int) -> dict:
+    tier = RedisTier(url, make_codec("raw"), timeout=60)
+    raw = redis.Redis.from_url(url, socket_timeout=60)
+    cs = chunks(shape, repeats + 2, seed=seed)
+    value = record_bytes(cs[0])
+    it, n = iter(cs), iter(range(10**9))
+    put_s, raw_put_s = paired(lambda: tier.put([next(it)]), lambda: raw.set(f"raw:{seed}:{next(n)}", value), repeats)
+    out = [torch.empty(shape, dtype=torch.float16)]
+    kit = iter([c.key for c in cs[: repeats + 1]] * 2)
+    get_s, raw_get_s = paired(lambda: tier.get([next(kit)], out), lambda: raw.get(f"raw:{seed}:0"), repeats)
+    assert torch.equal(out[0], cs[0].kv)
+    tier.close()
+    raw.flushall()
+    return {"bytes": len(value), "put_s": put_s, "raw_put_s": raw_put_s, "get_s": get_s, "raw_get_s": raw_get_s}
+
+
+def start_sidecar(workdir: Path, name: str, memory: bool) -> tuple[ServeProcess, str, str]:
+    """(process, token, durability it acknowledges puts with)."""
     token = "bench-token"
     tokens = workdir / "tokens.toml"
     tokens.write_text(f'[tokens]\n"{token}" = ["bench", "load"]\n')
-    proc = ServeProcess({"disk.path": str(workdir / "sidecar-disk"), "disk.codec": "raw", "memory.capacity": "2GiB",
-                         "server.tokens_file": str(tokens), "server.max_body_bytes": "256MiB"}).start()
-    return proc, token
+    sets = {"disk.path": str(workdir / name), "server.tokens_file": str(tokens), "server.max_body_bytes": "256MiB"}
+    sets.update({"memory.capacity": "2GiB"} if memory else {"memory.enabled": "false"})
+    proc = ServeProcess(sets).start()
+    health = json.loads(urllib3.request("GET", f"{proc.url}/healthz").data)
+    return proc, token, health["durability"]
 
 
-def bench_sidecar(url: str, token: str, repeats: int) -> dict:
+def bench_sidecar(url: str, token: str, ceiling: SocketCeiling, redis_url: str, files: Path, shape, repeats: int,
+                  seed: int) -> dict:
+    """Put and get beside the socket, raw redis-py and (for puts) writing the bytes to a new file."""
     tier = SidecarTier(url, token, make_codec("raw"), timeout=60)
-    cs = chunks(SHAPE_32M, repeats, seed=2)
-    put_times, get_times = [], []
-    for c in cs:
+    raw = redis.Redis.from_url(redis_url, socket_timeout=60)
+    cs = chunks(shape, repeats + 2, seed=seed)
+    value = record_bytes(cs[0])
+    n = len(value)
+    raw.set("raw", value)
+    it, names = iter(cs), iter(range(10**9))
+    files.mkdir(parents=True, exist_ok=True)
+    put_times: list[float] = []
+
+    def put() -> None:
         t = time.perf_counter()
-        assert tier.put([c]) == [True]
+        assert tier.put([next(it)]) == [True]
         put_times.append(time.perf_counter() - t)
-    for c in cs:
+
+    def write_file() -> None:  # what the disk tier's write costs at least: new pages of the page cache
+        (files / f"{seed}-{next(names)}").write_bytes(value)
+
+    put_s, ceiling_put_s, raw_put_s, file_put_s = paired(put, lambda: ceiling.put(n), repeats,
+                                                         lambda: raw.set("raw2", value), write_file)
+    out = [torch.empty(shape, dtype=torch.float16)]
+    kit = iter([c.key for c in cs[: repeats + 1]] * 2)
+    get_times: list[float] = []
+
+    def get() -> None:
         t = time.perf_counter()
-        got = tier.get([c.key])[0]
+        assert tier.get([next(kit)], out)[0] is not None
         get_times.append(time.perf_counter() - t)
-        assert got is not None and torch.equal(got.kv, c.kv)
+
+    get_s, ceiling_get_s, raw_get_s = paired(get, lambda: ceiling.get(n), repeats, lambda: raw.get("raw"))
+    assert torch.equal(out[0], cs[0].kv)
     tier.close()
-    nbytes = cs[0].nbytes
-    return {"bytes": nbytes, "put_s": statistics.median(put_times[1:]), "get_s": statistics.median(get_times[1:]),
-            "p99_ms": float(np.percentile(put_times + get_times, 99) * 1e3),
+    raw.flushall()
+    return {"bytes": n, "put_s": put_s, "get_s": get_s, "ceiling_put_s": ceiling_put_s, "ceiling_get_s": ceiling_get_s,
+            "raw_put_s": raw_put_s, "raw_get_s": raw_get_s, "file_put_s": file_put_s,
             "put_p99_ms": float(np.percentile(put_times, 99) * 1e3), "get_p99_ms": float(np.percentile(get_times, 99) * 1e3)}
+
+
+def bench_sidecar_disk_get(url: str, token: str, ceiling: SocketCeiling, shape, repeats: int, seed: int) -> dict:
+    tier = SidecarTier(url, token, make_codec("raw"), timeout=60)
+    cs = chunks(shape, repeats + 1, seed=seed)
+    assert tier.put(cs) == [True] * len(cs)
+    out = [torch.empty(shape, dtype=torch.float16)]
+    kit = iter([c.key for c in cs] * 2)
+    n = len(record_bytes(cs[0]))
+    get_s, ceiling_get_s = paired(lambda: tier.get([next(kit)], out), lambda: ceiling.get(n), repeats)
+    tier.close()
+    return {"bytes": n, "get_s": get_s, "ceiling_get_s": ceiling_get_s}
 
 
 def load_test(url: str, token: str, clients: int, seconds: float) -> dict:
@@ -151,34 +192,65 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the figures to this JSON file")
     p.add_argument("--load-seconds", type=float, help="duration of the load test (default 30, quick 5)")
     args = p.parse_args(argv)
-    repeats = 4 if args.quick else 10
+    repeats = 5 if args.quick else 11
     seconds = args.load_seconds or (5.0 if args.quick else 30.0)
+    redis_results, side, disk_get = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="kvstore-remote-bench-") as d:
         work = Path(d)
-        r = bench_redis(work, repeats)
-        proc, token = start_sidecar(work)
+        server = RedisServer(work / "redis").start()
+        ceiling = SocketCeiling(64 << 20)
+        procs = []
         try:
-            s = bench_sidecar(proc.url, token, repeats)
+            for i, (name, shape) in enumerate(SHAPES.items()):
+                redis_results[name] = bench_redis(server.url, shape, repeats, seed=10 + i)
+            proc, token, durability = start_sidecar(work, "sidecar", memory=True)
+            procs.append(proc)
+            for i, (name, shape) in enumerate(SHAPES.items()):
+                side[name] = bench_sidecar(proc.url, token, ceiling, server.url, work / "files", shape, repeats, seed=20 + i)
             load = load_test(proc.url, token, 16, seconds)
+            disk_proc, token, _ = start_sidecar(work, "sidecar-disk", memory=False)
+            procs.append(disk_proc)
+            for i, (name, shape) in enumerate(SHAPES.items()):
+                disk_get[name] = bench_sidecar_disk_get(disk_proc.url, token, ceiling, shape, repeats, seed=30 + i)
         finally:
-            proc.kill()
-    gb = lambda n, sec: n / sec / 1e9
-    rows = [
-        ["redis tier put", f"{gb(r['bytes'], r['put_s']):.2f}", "redis-py SET", f"{gb(r['bytes'], r['raw_put_s']):.2f}", r["raw_put_s"] / r["put_s"]],
-        ["redis tier get", f"{gb(r['bytes'], r['get_s']):.2f}", "redis-py GET", f"{gb(r['bytes'], r['raw_get_s']):.2f}", r["raw_get_s"] / r["get_s"]],
-        ["sidecar put (fsynced)", f"{gb(s['bytes'], s['put_s']):.2f}", "redis-py SET", f"{gb(r['bytes'], r['raw_put_s']):.2f}", r["raw_put_s"] / s["put_s"]],
-        ["sidecar get", f"{gb(s['bytes'], s['get_s']):.2f}", "redis-py GET", f"{gb(r['bytes'], r['raw_get_s']):.2f}", r["raw_get_s"] / s["get_s"]],
-    ]
-    print(f"remote_bench ({'quick' if args.quick else 'full'}; 32 MiB chunks, median of {repeats}; loopback)")
-    print_table(["operation", "ours GB/s", "baseline", "baseline GB/s", "ratio"], rows)
-    print(f"sidecar p99 latency (32 MiB put and get): {s['p99_ms']:.1f} ms (put {s['put_p99_ms']:.1f}, get {s['get_p99_ms']:.1f})")
+            for proc in procs:
+                proc.kill()
+            ceiling.close()
+            server.kill()
+    gb = lambda n, sec: f"{n / sec / 1e9:.2f}"  # noqa: E731
+    rows = []
+    for name in SHAPES:
+        r, s, g = redis_results[name], side[name], disk_get[name]
+        rows += [
+            [name, "redis tier put", gb(r["bytes"], r["put_s"]), "redis-py SET", gb(r["bytes"], r["raw_put_s"]), r["raw_put_s"] / r["put_s"]],
+            [name, "redis tier get (into a buffer)", gb(r["bytes"], r["get_s"]), "redis-py GET", gb(r["bytes"], r["raw_get_s"]), r["raw_get_s"] / r["get_s"]],
+            [name, f"sidecar put ({durability})", gb(s["bytes"], s["put_s"]), "socket", gb(s["bytes"], s["ceiling_put_s"]), s["ceiling_put_s"] / s["put_s"]],
+            [name, "", "", "write a new file", gb(s["bytes"], s["file_put_s"]), s["file_put_s"] / s["put_s"]],
+            [name, "sidecar get, memory (into a buffer)", gb(s["bytes"], s["get_s"]), "socket", gb(s["bytes"], s["ceiling_get_s"]), s["ceiling_get_s"] / s["get_s"]],
+            [name, "sidecar get, disk (sendfile)", gb(g["bytes"], g["get_s"]), "socket", gb(g["bytes"], g["ceiling_get_s"]), g["ceiling_get_s"] / g["get_s"]],
+            [name, "raw redis-py SET / GET (same bytes)", "", "SET / GET", f"{gb(s['bytes'], s['raw_put_s'])} / {gb(s['bytes'], s['raw_get_s'])}", ""],
+        ]
+    print(f"remote_bench ({'quick' if args.quick else 'full'}; raw-codec records, median of {repeats}, each beside its "
+          f"ceiling; loopback; sidecar puts acknowledged as surviving a {durability})")
+    print_table(["size", "operation", "ours GB/s", "ceiling", "ceiling GB/s", "ratio"], rows)
+    s32 = side["32MiB"]
+    print(f"sidecar p99 latency, 32 MiB: put {s32['put_p99_ms']:.1f} ms, get {s32['get_p99_ms']:.1f} ms")
     print(f"load test: {load['clients']} clients x {load['seconds']:.1f} s of 2 MiB put+get: {load['ops_per_s']:.1f} ops/s, "
           f"{load['gbps']:.2f} GB/s, p50 {load['p50_ms']:.1f} ms, p99 {load['p99_ms']:.1f} ms, "
           f"{load['puts']} puts, {load['gets']} gets, errors {load['errors']}, lost {load['lost']}, corrupt {load['corrupt']}")
+    r32 = redis_results["32MiB"]
+    gb = lambda n, sec: n / sec / 1e9  # noqa: E731
     result = {
-        "redis_put_ratio": r["raw_put_s"] / r["put_s"], "redis_get_ratio": r["raw_get_s"] / r["get_s"],
-        "sidecar_put_gbps": gb(s["bytes"], s["put_s"]), "sidecar_get_gbps": gb(s["bytes"], s["get_s"]),
-        "sidecar_p99_ms": s["p99_ms"], "redis": r, "sidecar": s, "load": load,
+        "redis_put_ratio": r32["raw_put_s"] / r32["put_s"], "redis_get_ratio": r32["raw_get_s"] / r32["get_s"],
+        "sidecar_put_gbps": gb(s32["bytes"], s32["put_s"]), "sidecar_get_gbps": gb(s32["bytes"], s32["get_s"]),
+        "sidecar_put_ratio_socket": s32["ceiling_put_s"] / s32["put_s"],
+        "sidecar_get_ratio_socket": s32["ceiling_get_s"] / s32["get_s"],
+        "sidecar_disk_get_gbps": gb(disk_get["32MiB"]["bytes"], disk_get["32MiB"]["get_s"]),
+        "socket_put_gbps": gb(s32["bytes"], s32["ceiling_put_s"]), "socket_get_gbps": gb(s32["bytes"], s32["ceiling_get_s"]),
+        "file_write_gbps": gb(s32["bytes"], s32["file_put_s"]),
+        "raw_redis_set_gbps": gb(s32["bytes"], s32["raw_put_s"]), "raw_redis_get_gbps": gb(s32["bytes"], s32["raw_get_s"]),
+        "sidecar_durability": durability, "sidecar_p99_ms": max(s32["put_p99_ms"], s32["get_p99_ms"]),
+        "redis": redis_results, "sidecar": side, "sidecar_disk_get": disk_get, "load": load,
     }
     write_json(args.json, result)
     return 0 if load["errors"] == load["lost"] == load["corrupt"] == 0 else 1

@@ -1,5 +1,6 @@
-"""Real servers for tests and benchmarks on free loopback ports: Redis (a node, a 3-node cluster) and
-`kvstore serve` in a subprocess (`ServeProcess`).
+"""Real servers for tests and benchmarks on free loopback ports: Redis (a node, a 3-node cluster),
+`kvstore serve` in a subprocess (`ServeProcess`), and the loopback ceiling (`SocketCeiling`: one socket
+moving the same bytes to and from another process, nothing else).
 
 Each server runs from a temp directory with persistence off and is stopped (SIGKILL if need be) when the
 caller is done. The binary is `redis-server` from PATH when the system has one, else the `valkey-server`
@@ -178,3 +179,63 @@ class ServeProcess:
         if self.proc is not None and self.proc.stderr is not None:
             self.proc.stderr.close()
         self.proc = None
+
+
+_CEILING_SERVER = r"""
+import socket, struct, sys
+srv = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+buf = bytearray(int(sys.argv[2])); buf[:] = b"x" * len(buf); view = memoryview(buf)
+while True:
+    conn, _ = srv.accept()
+    with conn:
+        while True:
+            head = conn.recv(9, socket.MSG_WAITALL)
+            if len(head) < 9:
+                break
+            op, n = head[:1], struct.unpack("<Q", head[1:])[0]
+            if op == b"P":
+                got = 0
+                while got < n:
+                    got += conn.recv_into(view[got:n])
+                conn.sendall(b"k")
+            else:
+                conn.sendall(view[:n])
+"""
+
+
+class SocketCeiling:
+    """What one loopback socket moves between two processes: `put(n)` sends n bytes that the other side
+    reads into a buffer it reuses, and waits for its one-byte ack; `get(n)` reads n bytes it sends into a
+    buffer this side reuses. The ceiling any protocol over one connection is measured against."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, "-c", _CEILING_SERVER, str(self.port), str(max_bytes)])
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.sock = socket.create_connection(("127.0.0.1", self.port))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.close()
+                    raise RuntimeError("the loopback ceiling server did not start") from None
+                time.sleep(0.05)
+        self.buf = memoryview(bytearray(b"y" * max_bytes))
+
+    def put(self, n: int) -> None:
+        self.sock.sendall(b"P" + n.to_bytes(8, "little"))
+        self.sock.sendall(self.buf[:n])
+        self.sock.recv(1)
+
+    def get(self, n: int) -> None:
+        self.sock.sendall(b"G" + n.to_bytes(8, "little"))
+        got = 0
+        while got < n:
+            got += self.sock.recv_into(self.buf[got:n])
+
+    def close(self) -> None:
+        if getattr(self, "sock", None) is not None:
+            self.sock.close()
+        self.proc.kill()
+        self.proc.wait(5)

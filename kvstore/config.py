@@ -23,8 +23,9 @@ File format:
     tokens_file = "/etc/kvstore/tokens.toml"
 
 Nothing below the edge reads the environment. Each tier section builds and describes its own tier
-(`build(section)`, `describe()`); `TIER_KINDS` lists the kinds of tier in the store's order, and
-`build_store(config)` builds one tier per configured section in that order.
+(`build(section, records)`, `describe()`); `TIER_KINDS` lists the kinds of tier in the store's order, and
+`build_store(config)` builds one tier per configured section in that order (`records=True`: the store
+of a record server, whose memory holds records rather than decoded KV).
 """
 
 from __future__ import annotations
@@ -110,10 +111,17 @@ class MemoryConfig:
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"memory.device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 
-    def build(self, section: str) -> "Tier":
-        from kvstore.tiers import MemoryTier
+    def build(self, section: str, records: bool = False) -> "Tier":
+        """Decoded KV on its device, where an engine reads it; records (bytes in host memory) for a record
+        server, which has no engine: a GPU tier makes no sense there and is refused."""
+        from kvstore.tiers import MemoryTier, RecordMemoryTier
 
         name = "gpu" if section == "gpu" else ("cpu" if self.device == "cpu" else "device")
+        if records:
+            if section == "gpu" or self.device != "cpu":
+                raise ConfigError(f"[{section}] on {self.device}: a record server holds records in host memory; "
+                                  "remove the GPU tier (memory.device must be cpu)")
+            return RecordMemoryTier(self.capacity, name=name)
         return MemoryTier(self.capacity, self.device, name=name)
 
     def describe(self) -> str:
@@ -127,20 +135,26 @@ class DiskConfig(_Encoded):
     capacity: int = 20 << 30
     codec: str = "zstd"
     codec_level: int | None = None
-    fsync: bool = True
+    # Durability of an acknowledged put: true fsyncs each record and its directory first ("power-loss");
+    # false acknowledges once the record is in the page cache ("process-crash") and syncs the filesystem
+    # every sync_interval_s in the background (Redis's appendfsync everysec). See docs/SERVICE.md.
+    fsync: bool = False
+    sync_interval_s: float = 1.0  # 0: leave it to the OS
 
     def __post_init__(self) -> None:
         if self.capacity <= 0:
             raise ConfigError("disk.capacity must be positive")
+        if self.sync_interval_s < 0:
+            raise ConfigError("disk.sync_interval_s must be >= 0")
         self._check_codec()
 
-    def build(self, section: str = "disk") -> "Tier":
+    def build(self, section: str = "disk", records: bool = False) -> "Tier":
         from kvstore.tiers import DiskTier
 
-        return DiskTier(self.path, self.capacity, self.make_codec(), fsync=self.fsync)
+        return DiskTier(self.path, self.capacity, self.make_codec(), fsync=self.fsync, sync_interval_s=self.sync_interval_s)
 
     def describe(self) -> str:
-        return f"disk {self.path} (codec {self._codec_text()})"
+        return f"disk {self.path} (codec {self._codec_text()}, puts survive a {'power loss' if self.fsync else 'process crash'})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +176,7 @@ class RedisConfig(_Encoded):
             raise ConfigError("redis.timeout must be > 0, redis.retry_after and redis.ttl_seconds >= 0")
         self._check_codec()
 
-    def build(self, section: str = "redis") -> "Tier":
+    def build(self, section: str = "redis", records: bool = False) -> "Tier":
         from kvstore.tiers import RedisTier
 
         return RedisTier(self.url, self.make_codec(), cluster=self.cluster, prefix=self.prefix,
@@ -190,7 +204,7 @@ class SidecarConfig(_Encoded):
             raise ConfigError("sidecar.timeout and sidecar.max_batch_keys must be > 0, sidecar.retry_after >= 0")
         self._check_codec()
 
-    def build(self, section: str = "sidecar") -> "Tier":
+    def build(self, section: str = "sidecar", records: bool = False) -> "Tier":
         from kvstore.tiers import SidecarTier
 
         return SidecarTier(self.url, self.token, self.make_codec(), timeout=self.timeout,
@@ -232,15 +246,26 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8420
     tokens_file: Path | None = None  # TOML or JSON: bearer token -> namespaces (see docs/SERVICE.md)
-    max_body_bytes: int = 256 << 20  # one record, or one JSON body
+    max_body_bytes: int = 256 << 20  # one record (in a batch: each record)
+    max_kv_bytes: int = 0  # KV a record may decode to; 0: max_body_bytes (no record expands past a raw one)
+    max_json_bytes: int = 8 << 20  # one JSON body (keys, lookups); parsed off the event loop
     max_batch_keys: int = 1024  # keys (or records) in one batch request
     request_timeout_s: float = 30.0  # a request still running after this answers 503
+    max_connections: int = 1024  # open connections (and never more than half the file descriptors)
+    idle_timeout_s: float = 15.0  # a connection with no request in flight (or half a header) is closed after this
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"server.port must be in [0, 65535], got {self.port}")
-        if self.max_body_bytes <= 0 or self.max_batch_keys <= 0 or self.request_timeout_s <= 0:
-            raise ConfigError("server.max_body_bytes, server.max_batch_keys and server.request_timeout_s must be > 0")
+        if min(self.max_body_bytes, self.max_json_bytes, self.max_batch_keys, self.request_timeout_s,
+               self.max_connections, self.idle_timeout_s) <= 0 or self.max_kv_bytes < 0:
+            raise ConfigError("server.max_body_bytes, max_json_bytes, max_batch_keys, request_timeout_s, "
+                              "max_connections and idle_timeout_s must be > 0 (max_kv_bytes >= 0)")
+
+    @property
+    def kv_limit(self) -> int:
+        """The most KV bytes a record the server takes in may decode to."""
+        return self.max_kv_bytes or self.max_body_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +295,7 @@ class StoreConfig:
 
 
 _SECTIONS = {**{name: kind.config for name, kind in TIER_KINDS.items()}, "server": ServerConfig}
-_SIZE_FIELDS = {"capacity", "max_pending_bytes", "max_body_bytes"}
+_SIZE_FIELDS = {"capacity", "max_pending_bytes", "max_body_bytes", "max_kv_bytes", "max_json_bytes"}
 _PATH_FIELDS = {"path", "tokens_file"}
 
 
@@ -391,12 +416,13 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
     return StoreConfig(**kwargs)
 
 
-def build_store(config: StoreConfig) -> "TieredStore":
-    """The `TieredStore` a config describes: one tier per configured section, in `TIER_KINDS` order."""
+def build_store(config: StoreConfig, *, records: bool = False) -> "TieredStore":
+    """The `TieredStore` a config describes: one tier per configured section, in `TIER_KINDS` order.
+    `records`: the store of a record server (`kvstore serve`): memory holds records, not decoded KV."""
     from kvstore.store import TieredStore
 
     return TieredStore(
-        [section.build(name) for name, section in config.tier_sections()],
+        [section.build(name, records) for name, section in config.tier_sections()],
         chunk_tokens=config.chunk_tokens,
         write_through=config.write_through,
         promote_on_hit=config.promote_on_hit,

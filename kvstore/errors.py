@@ -28,6 +28,11 @@ class RecordError(KVStoreError):
     """Bytes that are not a valid record: truncated, corrupted, oversized or foreign."""
 
 
+class RecordTooLargeError(RecordError):
+    """A record whose header declares more KV than the reader's `max_kv_bytes` allows (decoding it would
+    allocate that much): refused before any of it is decoded (the service answers 413)."""
+
+
 class ConfigError(KVStoreError, ValueError):
     """A configuration value that is missing, unknown or out of range."""
 

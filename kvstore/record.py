@@ -16,7 +16,8 @@ and the payload checksum is checked before the codec sees the payload. Any failu
 
 This module is the one serializer of the byte tiers: `encode_record` (chunk -> header, payload),
 `decode_record` (bytes -> chunk, into the caller's buffer where given), `read_record` (the same from a
-file), `verify_record` (all checks but the codec's, for records moved as bytes). A caller's buffer of
+file or a stream; `read_header`, its first half), `verify_record` (all checks but decoding, for records
+moved as bytes). A caller's buffer of
 the wrong shape or dtype is the caller's `InvalidChunkError`, never mistaken for a bad record.
 """
 
@@ -33,7 +34,7 @@ import xxhash
 
 from codec import Codec, CodecError, codec_class, codec_from_params
 from kvstore.chunk import Chunk, check_out
-from kvstore.errors import InvalidKeyError, RecordError
+from kvstore.errors import InvalidKeyError, RecordError, RecordTooLargeError
 from kvstore.keys import HASH_BYTES, TOKEN_DTYPE, ChunkKey
 
 MAGIC = b"KVSR"
@@ -190,7 +191,7 @@ def parse_header(buf: bytes | memoryview, max_kv_bytes: int = DEFAULT_MAX_KV_BYT
         raise RecordError(f"record shape {shape} does not fit {count} tokens of K and V")
     header = RecordHeader(key, codec, params, dtype, tuple(shape), start_pos, tokens, payload_len, checksum, total)
     if header.kv_nbytes > max_kv_bytes:
-        raise RecordError(f"record decodes to {header.kv_nbytes} bytes, over the limit of {max_kv_bytes}")
+        raise RecordTooLargeError(f"record decodes to {header.kv_nbytes} bytes, over the limit of {max_kv_bytes}")
     if payload_len > max(header.kv_nbytes * 2, 1 << 16):
         raise RecordError(f"payload of {payload_len} bytes is implausible for {header.kv_nbytes} bytes of KV")
     return header
@@ -226,16 +227,13 @@ def decode_record(data: bytes | memoryview, out: torch.Tensor | None = None, *, 
 
 
 def read_record(f: BinaryIO, out: torch.Tensor | None = None, *, key: ChunkKey | None = None,
-                max_kv_bytes: int = DEFAULT_MAX_KV_BYTES) -> Chunk:
-    """`decode_record` from a file opened for reading at the record's start, which the record must fill.
+                max_kv_bytes: int = DEFAULT_MAX_KV_BYTES, size: int | None = None) -> Chunk:
+    """`decode_record` from a stream at the record's start: a file the record fills, or any reader
+    (`read`, `readinto`) of exactly `size` bytes (a record in a network stream).
 
     The payload of a codec that stores the tensor's own bytes (`Codec.payload_is_raw`) is read straight
     into the output's memory: no copy in between."""
-    prelude = _read_exact(f, PRELUDE.size)
-    header = _checked_header(prelude + _read_exact(f, header_length(prelude) - PRELUDE.size), key, out, max_kv_bytes)
-    # Before allocating payload_len bytes (up to 2 * max_kv_bytes) for a file that cannot hold them.
-    if os.fstat(f.fileno()).st_size != header.record_len:
-        raise RecordError(f"record file is not the {header.record_len} bytes its header says (truncated?)")
+    header = read_header(f, key=key, out=out, max_kv_bytes=max_kv_bytes, size=size)
     target = _raw_target(header, out)
     if target is None:
         payload = bytearray(header.payload_len)
@@ -247,15 +245,35 @@ def read_record(f: BinaryIO, out: torch.Tensor | None = None, *, key: ChunkKey |
     return Chunk(header.key, target, header.tokens, header.start_pos)
 
 
+def read_header(f: BinaryIO, *, key: ChunkKey | None = None, out: torch.Tensor | None = None,
+                max_kv_bytes: int = DEFAULT_MAX_KV_BYTES, size: int | None = None) -> RecordHeader:
+    """The checked header of the record that `f` holds from its current position (`read_record`'s first
+    half): its checksum, `key` and `out` where given, and the record's length against `size` (or, for a
+    file, the file's size) before anything as large as the payload is allocated."""
+    prelude = _read_exact(f, PRELUDE.size)
+    header = _checked_header(prelude + _read_exact(f, header_length(prelude) - PRELUDE.size), key, out, max_kv_bytes)
+    if size is None:
+        size = os.fstat(f.fileno()).st_size
+    if size != header.record_len:
+        raise RecordError(f"record of {size} bytes is not the {header.record_len} bytes its header says (truncated?)")
+    return header
+
+
 def verify_record(data: bytes | memoryview, *, key: ChunkKey | None = None,
-                  max_kv_bytes: int = DEFAULT_MAX_KV_BYTES) -> RecordHeader:
-    """Every check of `decode_record` but the codec's own (header, key, length, payload checksum), without
-    decoding: what a record that moves between byte tiers as bytes goes through."""
+                  max_kv_bytes: int = DEFAULT_MAX_KV_BYTES, payload: bool = True) -> RecordHeader:
+    """Every check of `decode_record` but the codec's own decoding (header, key, a codec this build knows,
+    length, payload checksum): what a record that moves between byte tiers as bytes goes through, and what
+    the sidecar checks of every record it takes in. `payload=False` leaves out the payload's checksum."""
     view = memoryview(data).cast("B")
     header = _checked_header(view, key, None, max_kv_bytes)
+    try:
+        codec_class(header.codec)
+    except CodecError as e:
+        raise RecordError(str(e)) from None
     if len(view) != header.record_len:
         raise RecordError(f"record has {len(view)} bytes, header says {header.record_len}")
-    _check_payload(header, view[header.header_len :])
+    if payload:
+        _check_payload(header, view[header.header_len :])
     return header
 
 
@@ -291,11 +309,19 @@ def _raw_target(header: RecordHeader, out: torch.Tensor | None) -> torch.Tensor 
 
 def _read_exact(f: BinaryIO, n: int) -> bytes:
     data = f.read(n)
-    if len(data) != n:
-        raise RecordError("record file is truncated")
+    while len(data) < n:
+        more = f.read(n - len(data))
+        if not more:
+            raise RecordError("record is truncated")
+        data += more
     return data
 
 
 def _read_into(f: BinaryIO, view: memoryview) -> None:
-    if f.readinto(view) != len(view):
-        raise RecordError("record file is truncated")
+    """Fill `view` from `f` (a stream may hand it over in several reads)."""
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise RecordError("record is truncated")
+        got += n

@@ -8,7 +8,12 @@ Primitives:
 - `put(chunks)`: synchronous into the first tier; asynchronous into the slower ones (write-through)
   through one `BoundedWriter` per slower tier (bounded pending bytes); `flush()` waits for them. The
   writers read the first tier's own copies, held through the tier protocol's two phases
-  (`prepare_store` / `complete_store`), whatever kind of tier comes first.
+  (`prepare_store` / `complete_store`), whatever kind of tier comes first. `put(chunks, durable=True)`
+  returns once the durable tier (the first whose puts survive a crash: `durability`) has each chunk,
+  and says per chunk whether it does: False is a put that tier refused (no room, an I/O error).
+- Records as bytes, for a record server (`kvstore serve`): `put_records` stores checked records as
+  they are, synchronously into the byte tiers up to the durable one (its answer is the put's);
+  `get_records` hands back the stored bytes of the fastest byte tier holding each (no decode, no copy).
 - Eviction from the first tier (which the store watches: `watch_evictions`) demotes (writes back) the
   victim to the next tier when that tier does not already hold it.
 - Pins protect entries in flight; counters per tier and for the store.
@@ -32,7 +37,8 @@ from codec.codebook import missing_codebooks
 from kvstore.chunk import Chunk, deliver
 from kvstore.errors import InvalidChunkError
 from kvstore.keys import ChunkKey, ChunkKind, ChunkRef, chunk_refs
-from kvstore.tiers.base import Counters, Tier
+from kvstore.tiers.base import Counters, Durability, Tier
+from kvstore.tiers.byte_tier import Buffer, ByteTier, Check, RecordBytes, RecordParts
 from kvstore.writer import BoundedWriter
 
 log = logging.getLogger(__name__)
@@ -48,7 +54,8 @@ class StoreCounters(Counters):
     promotions: int = 0  # chunks copied into faster tiers on a hit
     demotions: int = 0  # chunks evicted from the first tier and written back to the next
     async_writes: int = 0  # chunks the slower tiers' writers stored
-    async_failures: int = 0  # chunks whose write to a slower tier failed
+    async_failures: int = 0  # chunks whose write to a slower tier failed or was refused
+    refused_puts: int = 0  # chunks or records a durable put could not make durable (logged)
     dropped_writes: int = 0  # chunks a remote tier skipped because it was behind
 
 
@@ -77,8 +84,15 @@ class TieredStore:
         self._demoting: dict[ChunkKey, Chunk] = {}
         self._demoting_lock = threading.Lock()
         self._closed = False
+        # The durable tier: the first whose acknowledged puts survive a crash (None: memory only).
+        self._durable = next((i for i, t in enumerate(self.tiers) if t.durability != "none"), None)
         if len(self.tiers) > 1:
             self.tiers[0].watch_evictions(self._demote)
+
+    @property
+    def durability(self) -> Durability:
+        """What a durable put (`put(durable=True)`, `put_records`) survives once it returned True."""
+        return self.tiers[self._durable].durability if self._durable is not None else "none"
 
     # -- keys and lookup -----------------------------------------------------------------------------
 
@@ -182,28 +196,41 @@ class TieredStore:
 
     # -- put -----------------------------------------------------------------------------------------
 
-    def put(self, chunks: Sequence[Chunk]) -> list[bool]:
+    def put(self, chunks: Sequence[Chunk], *, durable: bool = False) -> list[bool]:
         """Store `chunks`: in the first tier now, in the slower tiers asynchronously (see `flush`).
 
         Returns per chunk whether some tier accepted it (the first tier now, or a slower tier's write
-        queued). The caller may reuse its tensors as soon as this returns.
+        queued). With `durable`, the tiers up to the durable one are written now, and the answer is
+        whether the durable tier holds each chunk (what it survives: `durability`); a refusal is counted
+        (`refused_puts`) and logged. The caller may reuse its tensors as soon as this returns.
         """
         first = self.tiers[0]
         if len(self.tiers) == 1 or not self.write_through:
-            return first.put(chunks)
+            ok = first.put(chunks)
+            if durable and self._durable not in (None, 0):
+                ok = self._put_into(self.tiers[self._durable], list(chunks), durable=True)
+            return ok
         # The first tier hands back stable copies (its own, pinned: one copy per put) that the slower
         # tiers' writers read until the last of them completes the store.
         prepared = first.prepare_store(chunks)
-        self._submit(prepared.chunks, lambda: first.complete_store(prepared))
-        return [True] * len(chunks)
+        now = self._durable if durable and self._durable is not None else 0
+        ok = prepared.accepted
+        for tier in self.tiers[1 : now + 1]:
+            ok = self._put_into(tier, prepared.chunks, durable=True)
+        self._submit(prepared.chunks, lambda: first.complete_store(prepared), start=now + 1)
+        return ok if durable else [True] * len(chunks)
 
-    def _submit(self, chunks: list[Chunk], complete: Callable[[], None]) -> None:
-        """Queue `chunks` for every slower tier; `complete()` once the last of those writes has run. A
-        tier's writer that is behind by `max_pending_bytes` makes this wait (local disk: back-pressure,
+    def _submit(self, chunks: list[Chunk], complete: Callable[[], None], start: int = 1) -> None:
+        """Queue `chunks` for every tier from `start` on; `complete()` once the last of those writes has
+        run. A tier's writer that is behind by `max_pending_bytes` makes this wait (local disk: back-pressure,
         nothing lost) or, for a tier that sets `drop_when_behind` (remote tiers), skips these chunks and
         counts them: a slow network must never stall the engine."""
         nbytes = sum(c.nbytes for c in chunks)
-        remaining = [len(self._writers)]
+        todo = list(zip(self.tiers[start:], self._writers[start - 1 :]))
+        if not todo:
+            complete()
+            return
+        remaining = [len(todo)]
         lock = threading.Lock()
 
         def done() -> None:
@@ -213,7 +240,7 @@ class TieredStore:
             if last:
                 complete()
 
-        for tier, writer in zip(self.tiers[1:], self._writers):
+        for tier, writer in todo:
             job = lambda tier=tier: self._write(tier, chunks, done)  # noqa: E731
             if not writer.submit(job, nbytes, "drop" if tier.drop_when_behind else "wait"):
                 self.counters.add(dropped_writes=len(chunks))
@@ -221,16 +248,92 @@ class TieredStore:
 
     def _write(self, tier: Tier, chunks: list[Chunk], done: Callable[[], None] | None = None) -> None:
         try:
-            todo = [c for c, has in zip(chunks, tier.contains([c.key for c in chunks])) if not has]
-            if todo:
-                ok = tier.put(todo)
-                self.counters.add(async_writes=sum(ok))
-        except Exception as e:
-            log.warning("async write to tier %s failed: %s", tier.name, e)
-            self.counters.add(async_failures=len(chunks))
+            self._put_into(tier, chunks)
         finally:
             if done is not None:
                 done()
+
+    def _put_into(self, tier: Tier, chunks: list[Chunk], *, durable: bool = False) -> list[bool]:
+        """Store `chunks` into `tier` unless it holds them; per chunk whether it does now. A failure or a
+        refusal is counted (`refused_puts` for a durable put, else `async_failures`) and logged."""
+        try:
+            has = tier.contains([c.key for c in chunks])
+            todo = [c for c, h in zip(chunks, has) if not h]
+            stored = iter(tier.put(todo) if todo else [])
+            ok = [h or next(stored) for h in has]
+            if not durable:
+                self.counters.add(async_writes=sum(ok) - sum(has))
+        except Exception as e:
+            log.warning("write to tier %s failed: %s", tier.name, e)
+            ok = [False] * len(chunks)
+        self._count_refused(tier, ok, durable)
+        return ok
+
+    def _count_refused(self, tier: Tier, ok: list[bool], durable: bool) -> None:
+        refused = ok.count(False)
+        if refused:
+            self.counters.add(**{"refused_puts" if durable else "async_failures": refused})
+            log.warning("tier %s did not store %d of %d %s (no room, or an I/O error: see its counters)",
+                        tier.name, refused, len(ok), "records" if durable else "chunks")
+
+    # -- records as bytes ----------------------------------------------------------------------------
+
+    def _byte_tiers(self) -> list[tuple[int, ByteTier]]:
+        return [(i, t) for i, t in enumerate(self.tiers) if isinstance(t, ByteTier)]
+
+    def put_records(self, keys: Sequence[ChunkKey], records: Sequence[Buffer | RecordParts]) -> list[bool]:
+        """Store checked records as they are (`verify_record` passed), each under its key: synchronously
+        into the byte tiers up to the durable one, whose answer this is (True: it holds the record, and
+        it survives what `durability` says); into the slower byte tiers asynchronously. A refusal (no
+        room, an I/O error) is counted (`refused_puts`) and logged. Tiers of decoded KV are not written."""
+        tiers = self._byte_tiers()
+        if not tiers:
+            raise InvalidChunkError("this store has no byte tier to hold records")
+        durable = next((j for j, (i, _) in enumerate(tiers) if i == self._durable), 0)
+        try:
+            ok = tiers[durable][1].put_bytes(keys, records)
+        except Exception as e:
+            log.warning("write to tier %s failed: %s", tiers[durable][1].name, e)
+            ok = [False] * len(keys)
+        self._count_refused(tiers[durable][1], ok, True)
+        kept_keys = [k for k, o in zip(keys, ok) if o]
+        kept = [r for r, o in zip(records, ok) if o]
+        if not kept:
+            return ok
+        for _, faster in tiers[:durable]:  # a cache: what it has no room for, it simply lacks
+            self._cache_bytes(faster, kept_keys, kept)
+        nbytes = sum(len(r) if isinstance(r, (bytes, bytearray, memoryview)) else sum(map(len, r)) for r in kept)
+        for i, slower in tiers[durable + 1 :]:
+            job = lambda t=slower: self._cache_bytes(t, kept_keys, kept)  # noqa: E731
+            if not self._writers[i - 1].submit(job, nbytes, "drop" if slower.drop_when_behind else "wait"):
+                self.counters.add(dropped_writes=len(kept))
+        return ok
+
+    def _cache_bytes(self, tier: ByteTier, keys: list[ChunkKey], records: list) -> None:
+        try:
+            tier.put_bytes(keys, records)
+        except Exception as e:
+            log.warning("write to tier %s failed: %s", tier.name, e)
+
+    def get_records(self, keys: Sequence[ChunkKey], *, check: Check = "header") -> list[RecordBytes | None]:
+        """Each key's record as stored, from the fastest byte tier that holds it (None on a miss), checked
+        as `check` says (`ByteTier.get_bytes`), never decoded; close each one. Not promoted: a record
+        server's disk hits come from the page cache, sent with sendfile."""
+        results: list[RecordBytes | None] = [None] * len(keys)
+        todo = list(range(len(keys)))
+        for _, tier in self._byte_tiers():
+            if not todo:
+                break
+            try:
+                got = tier.get_bytes([keys[i] for i in todo], check=check)
+            except Exception as e:
+                log.warning("tier %s failed on get: %s", tier.name, e)
+                self.counters.add(tier_failures=1)
+                continue
+            for i, rec in zip(todo, got):
+                results[i] = rec
+            todo = [i for i in todo if results[i] is None]
+        return results
 
     def _from_demoting(self, key: ChunkKey, out: torch.Tensor | None) -> Chunk | None:
         chunk = self._demoting.get(key)

@@ -1,7 +1,8 @@
 """The sidecar service (`kvstore serve`): an aiohttp HTTP API over one `TieredStore`.
 
 Modules: `auth` (bearer tokens and their namespaces), `metrics` (Prometheus), `middleware` (errors,
-authentication, limits, timeouts), `handlers` (the endpoints), `app` (`make_app`, `serve`).
+authentication, limits, timeouts), `handlers` (the endpoints), `bodies` (JSON in, records out),
+`listener` (connections: their cap, idle timeout and parser errors), `app` (`make_app`, `listen`, `serve`).
 
 Endpoints (JSON errors `{"error": "..."}`; see `kvstore/openapi.json` and docs/SERVICE.md):
 - `POST /v1/lookup`: leading stored tokens (or chunk hashes) of one namespace and model.
@@ -12,19 +13,24 @@ Endpoints (JSON errors `{"error": "..."}`; see `kvstore/openapi.json` and docs/S
 - `GET /healthz`, `GET /openapi.json` (no token), `GET /metrics` (Prometheus text, any valid token).
 
 Guarantees:
-- Bad input is a 4xx with a message, never a 500, and never reaches the store: every record is decoded
-  and checked in full (header and payload checksums, the key in the header against the path's key)
-  before it is stored.
-- A put is acknowledged (200/201) only after the store's writes to its slower tiers have finished
-  (`store.flush()`), so with a disk tier an acknowledged record survives a SIGKILL of the server.
+- A record server: records are checked on the way in (header, key, codec, both checksums, the KV they
+  decode to within `server.kv_limit`) without being decoded, stored as they came, and served as stored
+  (sendfile from the disk tier, memoryviews from the memory tier); the client decodes once.
+- Bad input is a 4xx with a JSON message, never a 500, never a traceback in the log, and never reaches
+  the store. Tokens never appear in an answer or a log.
+- A put is acknowledged (200/201) only once the store's durable tier has the record, and the answer
+  names what it survives (`"durability"`: "process-crash" or "power-loss", per `disk.fsync`); a put the
+  store could not make durable is a 507, counted and logged.
 - A bearer token reads, writes and deletes only its own namespaces (401 without a valid token, 403
   outside its namespaces). Without a tokens file the server refuses to start unless told
   `--insecure-no-auth`, and then it listens on loopback only.
-- Bounded work per request: body size (413), keys per batch (413), one record in memory at a time
-  while a batch put streams in, and a per-request timeout (503).
+- Bounded work per request: body size (413), JSON size (413, parsed off the event loop), KV a record
+  decodes to (413), keys per batch (413; a key asked twice is fetched once), one record in memory at a
+  time while a batch put streams in, and a per-request timeout (503). Bounded connections: a cap, and
+  an idle timeout for keep-alives and half-sent headers.
 """
 
-from kvstore.service.app import make_app, serve, server_codec
+from kvstore.service.app import listen, make_app, serve
 from kvstore.service.auth import Grant, TokenTable
 
-__all__ = ["Grant", "TokenTable", "make_app", "serve", "server_codec"]
+__all__ = ["Grant", "TokenTable", "listen", "make_app", "serve"]

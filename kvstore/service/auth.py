@@ -85,7 +85,9 @@ class TokenTable:
 
     @staticmethod
     def _digest(token: str) -> bytes:
-        return hashlib.sha256(token.encode()).digest()
+        # surrogateescape: a header's bytes that are not UTF-8 come back as they were sent (an unknown
+        # token, a 401), never as an encoding error.
+        return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
     @classmethod
     def load(cls, path: str | Path) -> "TokenTable":

@@ -1,11 +1,15 @@
 """The endpoints of the sidecar over one `TieredStore` (see `kvstore.service` for the list and its
-guarantees). Store calls block (disk I/O, codecs), so they run on a small thread pool, never on the
-event loop; every record that comes in is decoded and checked in full before it reaches the store."""
+guarantees): a record server. Records come in as bytes, are checked (header, key, codec, both checksums,
+the KV they decode to against `server.kv_limit`) without being decoded, and are stored as they came; they
+go out as stored (`bodies.respond_records`: sendfile from disk, memoryviews from memory). Store calls
+block (disk I/O, checksums), so they run on a small thread pool, never on the event loop; so does JSON
+parsing. A put is acknowledged once the store's durable tier has the record, and the answer names what
+that survives (`durability`); a put it refused is a 507."""
 
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from importlib import resources
@@ -14,49 +18,48 @@ from typing import Any, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from codec import Codec
-from kvstore.chunk import Chunk
 from kvstore.config import ServerConfig
-from kvstore.errors import InvalidTokensError, KVStoreError
+from kvstore.errors import ConfigError, InvalidTokensError, KVStoreError, RecordTooLargeError
 from kvstore.keys import ChunkKey, as_token_array, validate_fingerprint, validate_namespace
-from kvstore.record import DEFAULT_MAX_KV_BYTES, decode_record, encode_record
+from kvstore.record import verify_record
+from kvstore.service.auth import Grant
+from kvstore.service.bodies import read_json, respond_records
 from kvstore.service.metrics import Metrics
-from kvstore.service.middleware import STREAMING, ApiError, authorize
+from kvstore.service.middleware import GRANT, ApiError, authorize
 from kvstore.store import TieredStore
+from kvstore.tiers.byte_tier import ByteTier
 from kvstore.wire import FRAME, keys_from_json, parse_chunk_hash, validate_path_fingerprint
 
-_BATCH_GET_GROUP = 16  # records fetched and encoded per thread-pool call while a batch get streams out
+log = logging.getLogger("kvstore.service")
+
+RECORD_METHODS = ("GET", "HEAD", "PUT", "DELETE")
 
 
 class Service:
     """The endpoints over one store (the middlewares are `Guard`'s). `make_app` wires them into an
     aiohttp application."""
 
-    def __init__(self, store: TieredStore, codec: Codec, config: ServerConfig, *, own_store: bool = False,
-                 max_kv_bytes: int = DEFAULT_MAX_KV_BYTES) -> None:
+    def __init__(self, store: TieredStore, config: ServerConfig, *, own_store: bool = False) -> None:
+        if not any(isinstance(t, ByteTier) for t in store.tiers):
+            raise ConfigError("the sidecar stores records: its store needs a byte tier (disk, or memory built "
+                              "for records: build_store(config, records=True))")
         self.store = store
-        self.codec = codec  # how GET and batch get encode records
         self.config = config
         self.own_store = own_store
-        self.max_kv_bytes = max_kv_bytes
         self.prom = Metrics(store)
         self.pool = ThreadPoolExecutor(8, thread_name_prefix="kvstore-serve")
-        self.openapi = json.loads(resources.files("kvstore").joinpath("openapi.json").read_text())
+        self.openapi = resources.files("kvstore").joinpath("openapi.json").read_bytes()
 
     async def _run(self, fn: Callable, *args, **kwargs) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.pool, partial(fn, *args, **kwargs))
 
     # -- helpers ---------------------------------------------------------------------------------------
 
-    async def _json(self, request: web.Request) -> Any:
-        raw = await request.read()  # bounded by client_max_size (413)
-        try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"body is not valid JSON: {e}") from None
+    async def _json(self, request: web.Request, convert: Callable[[Any], Any] = lambda x: x) -> Any:
+        return await read_json(request, min(self.config.max_json_bytes, self.config.max_body_bytes), self._run, convert)
 
     async def _keys(self, request: web.Request) -> list[ChunkKey]:
-        keys = keys_from_json(await self._json(request), self.config.max_batch_keys)
+        keys = await self._json(request, lambda obj: keys_from_json(obj, self.config.max_batch_keys))
         for ns in {k.namespace for k in keys}:
             authorize(request, ns)
         return keys
@@ -68,41 +71,34 @@ class Service:
         authorize(request, namespace)
         return key
 
-    def _decode(self, data: bytes, what: str) -> Chunk:
+    def _take(self, data: bytes, key: ChunkKey | None, grant: Grant, what: str) -> str:
+        """Check one record (against `key`, where given) and store it as it came, unless present:
+        'created', 'present' or 'rejected' (the durable tier refused it)."""
         try:
-            return decode_record(data, max_kv_bytes=self.max_kv_bytes)
+            header = verify_record(data, key=key, max_kv_bytes=self.config.kv_limit)
+        except RecordTooLargeError as e:
+            raise ApiError(413, f"{what}: {e} (server.max_kv_bytes)") from None
         except KVStoreError as e:
             raise ApiError(400, f"{what} is not a valid record: {e}") from None
+        if not grant.allows(header.key.namespace):
+            raise ApiError(403, f"this token may not use namespace {header.key.namespace!r}")
+        if self.store.contains([header.key])[0]:
+            return "present"
+        return "created" if self.store.put_records([header.key], [data])[0] else "rejected"
 
-    def _put(self, chunks: list[Chunk]) -> list[str]:
-        """Store `chunks` unless present: 'created', 'present' or 'rejected' for each (no flush)."""
-        present = self.store.contains([c.key for c in chunks])
-        todo = [c for c, p in zip(chunks, present) if not p]
-        accepted = iter(self.store.put(todo) if todo else [])
-        return ["present" if p else ("created" if next(accepted) else "rejected") for p in present]
-
-    def _flush(self) -> None:
-        if not self.store.flush(self.config.request_timeout_s):
-            raise ApiError(503, "the store's writes did not finish in time; the records are not yet durable")
-
-    def _fetch(self, keys: list[ChunkKey]) -> list[list[bytes | memoryview]]:
-        """Each key's frame as the pieces to write: length prefix, then header and payload (or nothing)."""
-        frames = []
-        for chunk in self.store.get(keys):
-            if chunk is None:
-                frames.append([FRAME.pack(0)])
-            else:
-                header, payload = encode_record(chunk, self.codec)
-                frames.append([FRAME.pack(len(header) + len(payload)), header, payload])
-        return frames
+    def _stored(self, body: dict, status: int) -> web.Response:
+        durability = self.store.durability
+        return web.json_response({**body, "durability": durability}, status=status,
+                                 headers={"Kvstore-Durability": durability})
 
     # -- public endpoints ------------------------------------------------------------------------------
 
     async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "chunk_tokens": self.store.chunk_tokens})
+        return web.json_response({"status": "ok", "chunk_tokens": self.store.chunk_tokens,
+                                  "durability": self.store.durability})
 
     async def openapi_json(self, request: web.Request) -> web.Response:
-        return web.json_response(self.openapi)
+        return web.Response(body=self.openapi, content_type="application/json")
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = await self._run(generate_latest, self.prom.registry)
@@ -111,7 +107,16 @@ class Service:
     # -- lookup ----------------------------------------------------------------------------------------
 
     async def lookup(self, request: web.Request) -> web.Response:
-        body = await self._json(request)
+        namespace, fingerprint, query = await self._json(request, self._lookup_query)
+        authorize(request, namespace)
+        if isinstance(query, list):  # chunk keys
+            found = await self._run(self.store.contains, query) if query else []
+            return web.json_response({"chunks": found.index(False) if False in found else len(found)})
+        n = await self._run(self.store.lookup, query, fingerprint=fingerprint, namespace=namespace)
+        return web.json_response({"tokens": n, "chunk_tokens": self.store.chunk_tokens})
+
+    def _lookup_query(self, body: Any) -> tuple[str, str, Any]:
+        """(namespace, fingerprint, token array or chunk keys) of a lookup body (on the thread pool)."""
         if not isinstance(body, dict):
             raise ApiError(400, "body must be a JSON object")
         unknown = set(body) - {"namespace", "model", "tokens", "chunk_hashes"}
@@ -121,48 +126,43 @@ class Service:
             raise ApiError(400, "give exactly one of tokens or chunk_hashes")
         namespace = validate_namespace(body.get("namespace"))
         fingerprint = validate_fingerprint(body.get("model"))
-        authorize(request, namespace)
+        limit = self.config.max_batch_keys
         if "tokens" in body:
+            tokens = body["tokens"]
+            if isinstance(tokens, list) and len(tokens) > limit * self.store.chunk_tokens:
+                raise ApiError(413, f"{len(tokens)} tokens in one lookup, over the limit of {limit} chunks")
             try:
-                tokens = as_token_array(body["tokens"])
+                return namespace, fingerprint, as_token_array(tokens)
             except (ValueError, TypeError, OverflowError) as e:
                 if isinstance(e, InvalidTokensError):
                     raise
                 raise InvalidTokensError(f"tokens must be a flat list of integers: {e}") from None
-            n = await self._run(self.store.lookup, tokens, fingerprint=fingerprint, namespace=namespace)
-            return web.json_response({"tokens": n, "chunk_tokens": self.store.chunk_tokens})
         hashes = body["chunk_hashes"]
         if not isinstance(hashes, list):
             raise ApiError(400, "chunk_hashes must be a list of hex strings")
-        if len(hashes) > self.config.max_batch_keys:
-            raise ApiError(413, f"{len(hashes)} chunk hashes in one lookup, over the limit of {self.config.max_batch_keys}")
-        keys = [ChunkKey(namespace, fingerprint, parse_chunk_hash(h)) for h in hashes]
-        found = await self._run(self.store.contains, keys) if keys else []
-        n = found.index(False) if False in found else len(found)
-        return web.json_response({"chunks": n})
+        if len(hashes) > limit:
+            raise ApiError(413, f"{len(hashes)} chunk hashes in one lookup, over the limit of {limit}")
+        return namespace, fingerprint, [ChunkKey(namespace, fingerprint, parse_chunk_hash(h)) for h in hashes]
 
     # -- one record ------------------------------------------------------------------------------------
 
     async def put_record(self, request: web.Request) -> web.Response:
         key = self._path_key(request)
-        data = await request.read()
+        data = await request.read()  # bounded by client_max_size (413)
         if not data:
             raise ApiError(400, "empty body: PUT takes one record")
-        chunk = await self._run(self._decode, data, "the body")
-        if chunk.key != key:
-            raise ApiError(400, f"the record holds {chunk.key}, not the path's {key}")
-        outcome = (await self._run(self._put, [chunk]))[0]
+        outcome = await self._run(self._take, data, key, request[GRANT], "the body")
         if outcome == "rejected":
-            raise ApiError(507, "the store has no room for this record")
-        await self._run(self._flush)
-        return web.json_response({"result": outcome}, status=201 if outcome == "created" else 200)
+            raise ApiError(507, "the store could not make this record durable (no room, or an I/O error); "
+                                "nothing was stored")
+        return self._stored({"result": outcome}, 201 if outcome == "created" else 200)
 
-    async def get_record(self, request: web.Request) -> web.Response:
+    async def get_record(self, request: web.Request) -> web.StreamResponse:
         key = self._path_key(request)
-        frame = (await self._run(self._fetch, [key]))[0]
-        if len(frame) == 1:
+        record = (await self._run(self.store.get_records, [key]))[0]
+        if record is None:
             raise ApiError(404, "no such record")
-        return web.Response(body=b"".join(frame[1:]), content_type="application/octet-stream")
+        return await respond_records(request, [record], frames=False)
 
     async def head_record(self, request: web.Request) -> web.Response:
         key = self._path_key(request)
@@ -182,6 +182,9 @@ class Service:
         return web.json_response({"removed": await self._run(self.store.clear, namespace)})
 
     async def bad_record_path(self, request: web.Request) -> web.Response:
+        if request.method not in RECORD_METHODS:
+            raise ApiError(405, f"method {request.method} is not allowed on {request.path}",
+                           {"Allow": ", ".join(RECORD_METHODS)})
         raise ApiError(400, "a record path is /v1/records/<namespace>/<model>/<chunk hash hex> "
                             "(URL-quote the model fingerprint; it may not contain '/')")
 
@@ -198,26 +201,19 @@ class Service:
 
     async def batch_get(self, request: web.Request) -> web.StreamResponse:
         keys = await self._keys(request)
-        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream", "X-Record-Count": str(len(keys))})
-        for i in range(0, max(len(keys), 1), _BATCH_GET_GROUP):
-            frames = await self._run(self._fetch, keys[i : i + _BATCH_GET_GROUP]) if keys else []
-            if not resp.prepared:
-                await resp.prepare(request)
-                request[STREAMING] = resp
-            for frame in frames:
-                for piece in frame:
-                    await resp.write(piece)
-        await resp.write_eof()
-        return resp
+        unique = list(dict.fromkeys(keys))  # a key asked for twice is fetched (and held) once
+        found = dict(zip(unique, await self._run(self.store.get_records, unique))) if unique else {}
+        return await respond_records(request, [found[k] for k in keys], frames=True)
 
     async def batch_put(self, request: web.Request) -> web.Response:
-        """Read the stream one record at a time: decode, check, authorize, store; flush at the end."""
+        """Read the stream one record at a time: check, authorize, store; each is durable (or refused)
+        before the next is read. 507 if the store refused any (`results` says which)."""
         limit, max_records = self.config.max_body_bytes, self.config.max_batch_keys
         content = request.content
         results: list[str] = []
 
         def fail(status: int, message: str) -> ApiError:
-            done = f" (the {len(results)} records before it were accepted)" if results else " (nothing was stored)"
+            done = f" (the {len(results)} records before it were taken)" if results else " (nothing was stored)"
             return ApiError(status, message + done)
 
         while True:
@@ -240,15 +236,15 @@ class Service:
             except asyncio.IncompleteReadError as e:
                 raise fail(400, f"record {i}: truncated, {len(e.partial)} of {n} bytes") from None
             try:
-                chunk = await self._run(self._decode, data, f"record {i}")
-                authorize(request, chunk.key.namespace)
+                results.append(await self._run(self._take, data, None, request[GRANT], f"record {i}"))
             except ApiError as e:
                 raise fail(e.status, e.message) from None
             del data
-            results.append((await self._run(self._put, [chunk]))[0])
-        if results:
-            await self._run(self._flush)
-        return web.json_response({"results": results})
+        if "rejected" in results:
+            return self._stored({"error": f"the store could not make {results.count('rejected')} of "
+                                          f"{len(results)} records durable (no room, or an I/O error)",
+                                 "results": results}, 507)
+        return self._stored({"results": results}, 200)
 
     # -- lifecycle -------------------------------------------------------------------------------------
 

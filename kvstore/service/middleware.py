@@ -1,11 +1,12 @@
 """What every request of the sidecar goes through before and after its handler (aiohttp middlewares).
 
 - `Guard.observe` (outermost): every failure becomes a JSON error `{"error": ...}` with its status
-  (`ApiError`, 413 for too many keys, 400 for any other `KVStoreError`, 500 for a bug, logged); every
-  request is counted and timed per endpoint.
+  (`ApiError`, 413 for too many keys, 400 for any other `KVStoreError`, 500 for a bug, logged: the only
+  traceback a request can cause); every request is counted and timed per endpoint, and marks its
+  connection busy while it runs (`listener.Connection`).
 - `Guard.guard`: path sanity (no dot segments), authentication (the bearer token's `Grant` is stored on
-  the request, `GRANT`), the body size precheck, then the handler under the request timeout (503; a
-  stream already under way is cut instead, so the client sees a short stream).
+  the request, `GRANT`), no compressed bodies (415), the body size precheck, then the handler under the
+  request timeout (503; a stream already under way is cut instead, so the client sees a short stream).
 - `authorize(request, namespace)`: 403 outside the token's namespaces.
 """
 
@@ -64,6 +65,9 @@ class Guard:
         start = time.perf_counter()
         resource = request.match_info.route.resource
         endpoint = resource.canonical if resource is not None else "unmatched"
+        conn = request.protocol
+        if hasattr(conn, "busy"):
+            conn.busy += 1
         try:
             resp = await handler(request)
         except ApiError as e:
@@ -86,6 +90,9 @@ class Guard:
         except Exception:
             log.exception("unexpected error on %s %s", request.method, request.path)
             resp = json_error(500, "internal error (see the server log)")
+        finally:
+            if hasattr(conn, "busy"):
+                conn.busy -= 1
         self.metrics.requests.labels(endpoint, request.method, str(resp.status)).inc()
         self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
         return resp
@@ -98,6 +105,10 @@ class Guard:
                 raise ApiError(400, "path contains a '.' or '..' segment")
         if request.path not in PUBLIC_PATHS:
             request[GRANT] = self.authenticate(request)
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise ApiError(415, "compressed request bodies are not taken (records carry their own codec): "
+                                "send without Content-Encoding")
         limit = self.config.max_body_bytes
         if request.path != "/v1/records:batch_put" and request.content_length is not None and request.content_length > limit:
             raise ApiError(413, f"request body of {request.content_length} bytes is over the limit of {limit}")

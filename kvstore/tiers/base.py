@@ -13,7 +13,9 @@ Guarantees every tier gives:
 - `put` of a key already present is a no-op that returns True (keys are content hashes);
 - a fault on one key (corrupt bytes, I/O error) is a miss for that key, counted, never an exception;
   a caller's error (an `out` buffer that does not fit) is raised, `InvalidChunkError`.
-A tier sets up its name, counters and eviction hook through `Tier.__init__`.
+A tier sets up its name, counters and eviction hook through `Tier.__init__`, and says what a put it
+acknowledged survives (`durability`): nothing (memory), a crash of the process (a file written to the page
+cache, a remote server), or a power loss (a file fsynced with its directory).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
-from typing import Callable, ClassVar, Sequence
+from typing import Callable, ClassVar, Literal, Sequence
 
 import numpy as np
 import torch
@@ -97,6 +99,10 @@ class Timer:
 
 EvictCallback = Callable[[Chunk], None]
 
+# What a put that a tier acknowledged survives, weakest first.
+Durability = Literal["none", "process-crash", "power-loss"]
+DURABILITY_ORDER: tuple[Durability, ...] = ("none", "process-crash", "power-loss")
+
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
@@ -111,6 +117,8 @@ class Prepared:
 class Tier(ABC):
     # True for tiers across a network: when behind, the store drops their writes instead of waiting.
     drop_when_behind: ClassVar[bool] = False
+    # What a put this tier acknowledged survives (memory: nothing; a tier may set its own per instance).
+    durability: Durability = "none"
 
     def __init__(self, name: str) -> None:
         self.name = name

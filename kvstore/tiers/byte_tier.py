@@ -8,9 +8,11 @@ the tier's counters. A tier supplies only how records move:
   or whatever the tier's `_read` / `_read_bytes` take, e.g. a file); faults of the medium are the tier's to
   count, and a key it cannot reach is simply not yielded (a miss);
 - `_write(keys, records)`: store each record (a list of buffers written back to back) under its key;
-- `_discard(key, source, reason)`: what becomes of a record that failed its checks (default: nothing).
+- `_discard(key, source, reason)`: what becomes of a record that failed its checks (default: nothing);
+- `_hold(source, size)`: the record as `RecordBytes` (default: `source` is its bytes).
 `get_bytes` / `put_bytes` move records as bytes, checked but never decoded and re-encoded, so a record
-can go from one byte tier to another as it is.
+can go from one byte tier to another as it is, and a record server sends what it stored as it came:
+`RecordBytes` is a buffer in memory or a file to `sendfile`, held by the tier until closed.
 
 `RemoteTier` adds "degrade, don't fail" for tiers across a network: after a failed call the tier counts
 as down for `retry_after` seconds, during which it answers misses and drops puts at once.
@@ -19,10 +21,11 @@ as down for `retry_after` seconds, during which it answers misses and drops puts
 from __future__ import annotations
 
 import logging
+import os
 import time
 from abc import abstractmethod
 from contextlib import closing
-from typing import Callable, Iterator, Sequence, Union
+from typing import BinaryIO, Callable, Iterator, Literal, Sequence, Union
 
 import torch
 
@@ -30,13 +33,50 @@ from codec import Codec
 from kvstore.chunk import Chunk
 from kvstore.errors import RecordError
 from kvstore.keys import ChunkKey
-from kvstore.record import DEFAULT_MAX_KV_BYTES, decode_record, encode_record, verify_record
-from kvstore.tiers.base import Tier, Timer
+from kvstore.record import DEFAULT_MAX_KV_BYTES, decode_record, encode_record, read_header, verify_record
+from kvstore.tiers.base import Durability, Tier, Timer
+from kvstore.tiers.files import open_record
 
 log = logging.getLogger(__name__)
 
 Buffer = Union[bytes, bytearray, memoryview]
 RecordParts = Sequence[Buffer]  # one record as buffers written back to back (header, payload)
+Check = Literal["full", "header"]
+
+
+class RecordBytes:
+    """One stored record as it is: its bytes (`data`), or the file that holds exactly it (`path`, read
+    with `open` or `read`, never through a symbolic link). The tier keeps the entry (no eviction or delete
+    frees it) until `close()`; `data` stays valid as long as it is referenced."""
+
+    __slots__ = ("size", "data", "path", "_release")
+
+    def __init__(self, size: int, *, data: Buffer | None = None, path: str | None = None,
+                 release: Callable[[], None] | None = None) -> None:
+        self.size, self.data, self.path, self._release = size, data, path, release
+
+    def open(self) -> BinaryIO:
+        return open_record(self.path)
+
+    def read(self) -> Buffer:
+        if self.data is not None:
+            return self.data
+        with self.open() as f:
+            data = f.read()
+        if len(data) != self.size:
+            raise RecordError(f"record file has {len(data)} bytes, the index says {self.size}")
+        return data
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def __enter__(self) -> "RecordBytes":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class ByteTier(Tier):
@@ -65,9 +105,9 @@ class ByteTier(Tier):
         `RecordError` for a bad record, `OSError` for a medium that fails, None for one that is gone."""
         return decode_record(source, out, key=key, max_kv_bytes=self.max_kv_bytes)
 
-    def _read_bytes(self, source) -> bytes | memoryview | None:
-        """The whole record in `source`, unchecked; None for one that is gone."""
-        return source
+    def _hold(self, source, size: int) -> RecordBytes | None:
+        """The record in `source`, unchecked, held until closed; None for one that is gone."""
+        return RecordBytes(size, data=source)
 
     def _discard(self, key: ChunkKey, source: object, reason: str) -> None:
         """A record that failed its checks (already counted as corrupt): remove it, where the tier can."""
@@ -120,30 +160,60 @@ class ByteTier(Tier):
 
     # -- records as bytes ----------------------------------------------------------------------------
 
-    def get_bytes(self, keys: Sequence[ChunkKey]) -> list[bytes | None]:
-        """Each key's whole record, checked (header, key, length, payload checksum) but not decoded."""
-        if not keys or not self.available():
+    def get_bytes(self, keys: Sequence[ChunkKey], *, check: Check = "full") -> list[RecordBytes | None]:
+        """Each key's whole record as it is stored (None on a miss), never decoded. `check="full"`: every
+        check but decoding (header, key, length, codec, payload checksum; the record is then in memory);
+        `"header"`: the header, key and length only, which for a file reads only its first bytes (what a
+        record server does before it sends a file whose payload its reader checks). Close each one."""
+        if not keys:
+            return []
+        if not self.available():
+            self.stats.add(misses=len(keys))
             return [None] * len(keys)
-        results: list[bytes | None] = [None] * len(keys)
-        with closing(self._sources(keys)) as sources:
-            for i, source, _ in sources:
+        results: list[RecordBytes | None] = [None] * len(keys)
+        nbytes = 0
+        with Timer() as t, closing(self._sources(keys)) as sources:
+            for i, source, size in sources:
                 try:
-                    data = self._read_bytes(source)
-                    if data is None:
-                        continue
-                    verify_record(data, key=keys[i], max_kv_bytes=self.max_kv_bytes)
-                    results[i] = bytes(data)
+                    rec = self._hold(source, size)
+                    if rec is not None:
+                        results[i] = self._checked(rec, keys[i], check)
+                        nbytes += rec.size
                 except RecordError as e:
                     self.stats.add(corrupt=1)
+                    log.warning("%s tier: bad record for %s: %s", self.name, keys[i], e)
                     self._discard(keys[i], source, str(e))
                 except OSError as e:
                     self.stats.add(errors=1)
                     log.warning("%s tier: reading %s failed: %s", self.name, keys[i], e)
+        hits = sum(r is not None for r in results)
+        self.stats.add(hits=hits, misses=len(keys) - hits, bytes_read=nbytes, get_calls=1, get_seconds=t.seconds)
         return results
 
-    def put_bytes(self, keys: Sequence[ChunkKey], records: Sequence[Buffer]) -> list[bool]:
-        """Store whole records as they are (from `get_bytes` of another byte tier: checked already)."""
-        return self._store(keys, lambda: [[r] for r in records])
+    def _checked(self, rec: RecordBytes, key: ChunkKey, check: Check) -> RecordBytes:
+        try:
+            if check == "full":
+                data = rec.read()
+                verify_record(data, key=key, max_kv_bytes=self.max_kv_bytes)
+                if rec.data is None:
+                    rec.close()
+                    rec = RecordBytes(rec.size, data=data)
+            elif rec.data is not None:
+                verify_record(rec.data, key=key, max_kv_bytes=self.max_kv_bytes, payload=False)
+            else:
+                with rec.open() as f:
+                    read_header(f, key=key, max_kv_bytes=self.max_kv_bytes, size=rec.size)
+                    if hasattr(os, "posix_fadvise"):  # the payload is sent next: start reading it in
+                        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
+        except BaseException:
+            rec.close()
+            raise
+        return rec
+
+    def put_bytes(self, keys: Sequence[ChunkKey], records: Sequence[Buffer | RecordParts]) -> list[bool]:
+        """Store whole records as they are, each one buffer or the buffers it is made of back to back
+        (checked already: by `get_bytes` of another byte tier, or by the service that took them in)."""
+        return self._store(keys, lambda: [[r] if isinstance(r, (bytes, bytearray, memoryview)) else r for r in records])
 
 
 class RemoteTier(ByteTier):
@@ -151,6 +221,7 @@ class RemoteTier(ByteTier):
     False, and the server evicts on its own, so `watch_evictions` callbacks are never called."""
 
     drop_when_behind = True
+    durability: Durability = "process-crash"  # that of this process; what the server survives is its own
 
     def __init__(self, name: str, url: str, codec: Codec, *, retry_after: float, max_kv_bytes: int) -> None:
         super().__init__(name, codec, max_kv_bytes=max_kv_bytes)

@@ -5,20 +5,32 @@ so no directory grows past a few hundred thousand entries); `<root>/quarantine/`
 a check, kept for inspection and never served; `<root>/stats.json` the lifetime counters.
 
 Why a put is all-or-nothing: each record file is written crash-safe (`files.write_file`: temp file,
-fsync, rename) and its directory is fsynced before the put returns (once per directory per batch); only
-then is the entry published in the index. A reader therefore sees a whole record or none.
+rename) before the put returns; only then is the entry published in the index. A reader therefore sees a
+whole record or none, and so does the next start (a crash leaves temp files, which it deletes).
+What an acknowledged put survives (`durability`): with `fsync` the file and its directory are fsynced
+before the put returns ("power-loss"); without, the record is in the page cache when the put returns,
+which a crash or SIGKILL of the process does not touch ("process-crash"), and a background `Syncer`
+syncs the filesystem every `sync_interval_s` (Redis's `appendfsync everysec`), so a power loss takes at
+most about that much. A record a power loss tore is caught by its checksums on read: a miss, never
+wrong KV. Files are the owner's alone (0600, directories 0700) and no path in the tree follows a
+symbolic link (`files.private_dir`, `files.open_record`), so what the write path stores is what the
+index rebuild finds.
 Why a hit is never wrong: every get checks the header checksum, the key in the header against the key
 asked for, and the payload checksum before decoding (`ByteTier`); a file that fails is moved to
 quarantine and the get is a miss.
 The index (`PinnedLRU`: key digest -> file and size, LRU order, pins, readers) lives in memory and is
 rebuilt on start from a scan of names and sizes. A file is unlinked only under the index's lock, so a put
 of the same key can never have its new file removed by an older delete or eviction.
+A key missing from the index is looked for on disk by `contains` and `get` (one stat) and indexed when
+found, so processes sharing a directory see each other's records (vLLM's scheduler looks up what its
+worker saves).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,8 +45,9 @@ from kvstore.errors import RecordError, TierError
 from kvstore.keys import ChunkKey
 from kvstore.record import DEFAULT_MAX_KV_BYTES, encode_record, read_record
 from kvstore.tiers.base import TierUsage
-from kvstore.tiers.byte_tier import ByteTier, RecordParts
-from kvstore.tiers.files import SUFFIX, TMP_SUFFIX, LifetimeCounters, fsync_dir, scan_records, write_file
+from kvstore.tiers.byte_tier import ByteTier, RecordBytes, RecordParts
+from kvstore.tiers.files import (DIR_MODE, SUFFIX, TMP_SUFFIX, LifetimeCounters, Syncer, fsync_dir, open_record,
+                                 private_dir, scan_records, write_file)
 from kvstore.tiers.lru import Entry, PinnedLRU
 
 __all__ = ["SUFFIX", "TMP_SUFFIX", "DiskTier", "VerifyReport"]
@@ -60,7 +73,8 @@ class DiskTier(ByteTier):
         capacity_bytes: int,
         codec: Codec,
         *,
-        fsync: bool = True,
+        fsync: bool = False,
+        sync_interval_s: float = 1.0,
         max_kv_bytes: int = DEFAULT_MAX_KV_BYTES,
         name: str = "disk",
         io_threads: int = 4,
@@ -71,16 +85,20 @@ class DiskTier(ByteTier):
         self.quarantine_dir = self.root / "quarantine"
         self.capacity = capacity_bytes
         self.fsync = fsync
+        self.durability = "power-loss" if fsync else "process-crash"
         self.io_threads = io_threads
         self.index: PinnedLRU[bytes, _File] = PinnedLRU(self._free)
         self._reserved = 0  # bytes of puts in progress
         self._closed = False
         self._executor: ThreadPoolExecutor | None = None
         try:
-            self.records_dir.mkdir(parents=True, exist_ok=True)
-            self.quarantine_dir.mkdir(exist_ok=True)
+            self.root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+            for d in (self.records_dir, self.quarantine_dir):  # private, also when made by an older version
+                private_dir(str(d))
+                os.chmod(d, DIR_MODE)
         except OSError as e:
             raise TierError(f"cannot create the disk tier under {self.root}: {e}") from e
+        self._syncer = Syncer(str(self.records_dir), sync_interval_s) if not fsync and sync_interval_s > 0 else None
         scan = scan_records(self.records_dir)
         self._known_dirs = scan.directories
         self.orphans_removed = scan.orphans_removed
@@ -118,7 +136,8 @@ class DiskTier(ByteTier):
     def _ensure_dir(self, d: str) -> None:
         if d in self._known_dirs:
             return
-        os.makedirs(d, exist_ok=True)
+        private_dir(os.path.dirname(d))  # the namespace's directory
+        private_dir(d)
         if self.fsync:
             # New directories must themselves be durable entries of their parents.
             fsync_dir(os.path.dirname(d))
@@ -142,7 +161,24 @@ class DiskTier(ByteTier):
 
     def contains(self, keys: Sequence[ChunkKey], tokens=None) -> list[bool]:
         index = self.index
-        return [k.digest() in index for k in keys]
+        return [(digest := k.digest()) in index or self._adopt(k, digest) for k in keys]
+
+    def _adopt(self, key: ChunkKey, digest: bytes) -> bool:
+        """Index the record of `key` if another process sharing this directory wrote it after this one
+        built its index. One stat per call; nothing is evicted here, so a reader never deletes a writer's
+        records (the directory may briefly hold more than this process's capacity)."""
+        final = self._path(key, digest)[1]
+        try:
+            st = os.stat(final, follow_symlinks=False)
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode):  # the tree never follows a symbolic link
+            return False
+        size = st.st_size
+        with self.index.lock:
+            if self._closed:
+                return False
+            return self.index.adopt_locked(digest, _File(size, path=final))
 
     def usage(self) -> TierUsage:
         return TierUsage(self.index.used, self.capacity, len(self.index), self.index.pinned())
@@ -166,6 +202,8 @@ class DiskTier(ByteTier):
             # The renames are durable once their directories are; one fsync per directory per batch.
             for d in {w[1] for _, w in written}:
                 fsync_dir(d)
+        elif self._syncer is not None and written:
+            self._syncer.dirty()
         with self.index.lock:
             for i, (digest, _, final, size) in written:
                 self._reserved -= size
@@ -196,7 +234,7 @@ class DiskTier(ByteTier):
             self._ensure_dir(d)
             write_file(final, parts, self.fsync)
         except OSError as e:
-            log.warning("disk tier: put of %s failed: %s", key, e)
+            log.error("disk tier: put of %s failed: %s", key, e)
             self.stats.add(errors=1)
             with self.index.lock:
                 self._reserved -= size
@@ -207,33 +245,32 @@ class DiskTier(ByteTier):
     # -- get -----------------------------------------------------------------------------------------
 
     def _sources(self, keys: Sequence[ChunkKey]) -> Iterator[tuple[int, tuple[bytes, _File], int]]:
-        for i, key in enumerate(keys):
-            digest = key.digest()
-            e = self.index.acquire(digest)  # a reader: no delete or eviction unlinks it meanwhile
-            if e is None:
-                continue
-            try:
-                yield i, (digest, e), e.size
-            finally:
-                self.index.release(digest, e)
+        digests = [k.digest() for k in keys]
+        for key, digest in zip(keys, digests):
+            if digest not in self.index:
+                self._adopt(key, digest)
+        # A reader on each: no delete or eviction unlinks it meanwhile.
+        return ((i, (digest, e), e.size) for i, digest, e in self.index.held(digests))
 
     def _read(self, source: tuple[bytes, _File], key: ChunkKey | None, out: torch.Tensor | None) -> Chunk | None:
         digest, e = source
         try:
-            with open(e.path, "rb", buffering=0) as f:
+            with open_record(e.path) as f:
                 return read_record(f, out, key=key, max_kv_bytes=self.max_kv_bytes)
         except FileNotFoundError:  # removed behind the index's back: forget it
             self.index.forget(digest, e)
             return None
 
-    def _read_bytes(self, source: tuple[bytes, _File]) -> bytes | None:
+    def _hold(self, source: tuple[bytes, _File], size: int) -> RecordBytes | None:
+        """The record's file, its entry held (a reader: no eviction or delete unlinks it) until closed."""
         digest, e = source
-        try:
-            with open(e.path, "rb") as f:
-                return f.read()
-        except FileNotFoundError:
+        if not self.index.hold(digest, e):  # deleted (or put again) since `_sources` found it: a miss
+            return None
+        if not os.path.exists(e.path):
+            self.index.release(digest, e)
             self.index.forget(digest, e)
             return None
+        return RecordBytes(e.size, path=e.path, release=lambda: self.index.release(digest, e))
 
     def _discard(self, key: ChunkKey, source: tuple[bytes, _File], reason: str) -> None:
         self._quarantine(*source, reason)
@@ -299,4 +336,6 @@ class DiskTier(ByteTier):
             self._closed = True
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        if self._syncer is not None:
+            self._syncer.close()
         self._lifetime.save(self.stats.snapshot())

@@ -1,9 +1,15 @@
 """File primitives of the disk tier: crash-safe record files, the directory scan, lifetime counters.
 
-- `write_file(directory, final, parts, fsync)`: the record is written to a temp file in its final
-  directory, fsynced, and renamed over the final name. A crash before the rename leaves only a `*.tmp`
-  file (which `scan_records` deletes); after it the file is complete. The caller fsyncs the directory
-  (`fsync_dir`) before it calls the put durable, once per directory per batch.
+- `write_file(final, parts, fsync)`: the record is written to a temp file in its final directory
+  (fsynced when asked), and renamed over the final name. A crash before the rename leaves only a `*.tmp`
+  file (which `scan_records` deletes); after it the file is complete. With `fsync` the caller fsyncs the
+  directory (`fsync_dir`) before it calls the put durable, once per directory per batch.
+- Everything is private to the owner: files 0600, directories 0700 (`private_dir`), since record headers
+  hold token ids, i.e. prompts. Nothing in the tree is reached through a symbolic link: `private_dir`
+  refuses one (`ELOOP`), `open_record` does not follow one, and `scan_records` skips them, so the write
+  path and the index rebuild see the same files.
+- `Syncer`: the background half of the "process-crash" policy: every `interval` seconds after a write it
+  syncs the filesystem (`syncfs`), which bounds what a power loss can take to about that long.
 - `scan_records(records_dir)`: every record file by name and size (no file is opened), oldest first, and
   leftover temp files deleted: an index of 100k records rebuilds in well under a second.
 - `LifetimeCounters`: counters summed over every process that used a directory (`<root>/stats.json`).
@@ -11,9 +17,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import logging
 import os
+import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +32,8 @@ log = logging.getLogger(__name__)
 
 SUFFIX = ".kvr"
 TMP_SUFFIX = ".tmp"
+FILE_MODE = 0o600
+DIR_MODE = 0o700
 
 
 def fsync_dir(path: str) -> None:
@@ -33,10 +44,28 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def private_dir(path: str) -> None:
+    """Make `path` a directory of the owner's alone (0700) if it is not there; refuse a symbolic link."""
+    try:
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        pass
+    if not stat.S_ISDIR(os.lstat(path).st_mode):
+        raise OSError(errno.ELOOP, "not a directory of the store's own (a symbolic link?); refused", path)
+
+
+def open_record(path: str):
+    """The record file at `path` for reading (unbuffered), never through a symbolic link."""
+    return os.fdopen(os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)), "rb", buffering=0)
+
+
+_IOV_MAX = 512  # buffers per writev call (the OS takes at least 1024)
+
+
 def _write_all(fd: int, parts: Sequence[bytes | memoryview]) -> None:
     views = [memoryview(p).cast("B") for p in parts]
     while views:
-        n = os.writev(fd, views)
+        n = os.writev(fd, views[:_IOV_MAX])
         while views and n >= len(views[0]):
             n -= len(views[0])
             views.pop(0)
@@ -48,7 +77,7 @@ def write_file(final: str, parts: Sequence[bytes | memoryview], fsync: bool) -> 
     """Write `parts` back to back as the file `final`, all or nothing (see the module docstring)."""
     tmp = f"{final}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
         try:
             _write_all(fd, parts)
             if fsync:
@@ -77,9 +106,11 @@ def scan_records(records_dir: Path) -> Scan:
     scan, found = Scan(), []
     for ns in os.scandir(records_dir):
         if not ns.is_dir(follow_symlinks=False):
+            _skipped(ns)
             continue
         for fan in os.scandir(ns.path):
             if not fan.is_dir(follow_symlinks=False):
+                _skipped(fan)
                 continue
             scan.directories.add(fan.path)
             for f in os.scandir(fan.path):
@@ -94,6 +125,9 @@ def scan_records(records_dir: Path) -> Scan:
                     continue
                 if not name.endswith(SUFFIX) or len(name) != 32 + len(SUFFIX):
                     continue
+                if not f.is_file(follow_symlinks=False):
+                    _skipped(f)
+                    continue
                 try:
                     digest = bytes.fromhex(name[:32])
                     st = f.stat(follow_symlinks=False)
@@ -103,6 +137,82 @@ def scan_records(records_dir: Path) -> Scan:
     found.sort()
     scan.records = [(digest, path, size) for _, digest, path, size in found]
     return scan
+
+
+def _skipped(entry: os.DirEntry) -> None:
+    if entry.is_symlink():
+        log.warning("disk tier: %s is a symbolic link; the store neither follows nor serves it", entry.path)
+
+
+def _syncfs():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):  # not Linux: sync everything
+        return None
+    fn.argtypes = [ctypes.c_int]
+    return fn
+
+
+_SYNCFS = _syncfs()
+
+
+def sync_filesystem(path: str) -> None:
+    """Flush every written file and directory entry of the filesystem that holds `path` to stable storage."""
+    if _SYNCFS is None:
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _SYNCFS(fd) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e), path)
+    finally:
+        os.close(fd)
+
+
+class Syncer:
+    """Syncs the filesystem under `path` every `interval` seconds while there are writes (`dirty()`), on a
+    daemon thread, and once more at `close()`: what a put in the page cache waits for before a power
+    loss can no longer take it."""
+
+    def __init__(self, path: str, interval: float) -> None:
+        self.path, self.interval = path, interval
+        self._dirty = False
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def dirty(self) -> None:
+        with self._cond:
+            self._dirty = True
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._run, name="kvstore-disk-sync", daemon=True)
+                self._thread.start()
+
+    def _sync(self) -> None:
+        with self._cond:
+            if not self._dirty:
+                return
+            self._dirty = False
+        try:
+            sync_filesystem(self.path)
+        except OSError as e:
+            log.error("disk tier: syncing %s failed: %s", self.path, e)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._cond.wait_for(lambda: self._closed, self.interval):
+                    return
+            self._sync()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        self._sync()
 
 
 class LifetimeCounters:
@@ -127,7 +237,9 @@ class LifetimeCounters:
     def save(self, now: dict[str, float]) -> None:
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps(self.total(now)))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self.total(now)))
             os.replace(tmp, self.path)
         except OSError as e:
             log.warning("cannot save lifetime counters to %s: %s", self.path, e)

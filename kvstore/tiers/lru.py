@@ -4,7 +4,8 @@ Memory and disk tiers share it; a tier supplies only how to free an entry's stor
 evicted)`, called with the index's lock held, so that no put can claim the key in between).
 
 Primitives and their guarantees:
-- `acquire(key)` / `release(key, entry)`: a reader holds the entry for the length of its copy or read;
+- `acquire(key)` / `release(key, entry)`: a reader holds the entry for the length of its copy or read
+  (`held(keys)` walks a batch that way; `hold(key, entry)` takes one more reader on an entry in hand);
 - `pin(keys)` / `unpin(keys)`: a pinned entry is never evicted;
 - `delete(keys)`, `clear(match)`: an entry that is pinned or read is taken out of the index at once but
   freed only at its last `unpin` or `release` (it is "doomed"); a put of that key meanwhile brings the
@@ -22,7 +23,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Generic, Hashable, Iterable, TypeVar
+from typing import Callable, Generic, Hashable, Iterable, Iterator, TypeVar
 
 
 @dataclass(slots=True)
@@ -82,6 +83,24 @@ class PinnedLRU(Generic[K, E]):
                 self._entries.move_to_end(key)
                 e.readers += 1
             return e
+
+    def held(self, keys: Iterable[K]) -> Iterator[tuple[int, K, E]]:
+        """(position, key, entry) of each stored key, a reader held on it until the caller asks for the next."""
+        for i, key in enumerate(keys):
+            e = self.acquire(key)
+            if e is None:
+                continue
+            try:
+                yield i, key, e
+            finally:
+                self.release(key, e)
+
+    def hold(self, key: K, e: E) -> bool:
+        """One more reader on `e` if it is still `key`'s entry (release it with `release`); False if not."""
+        held = self.acquire(key)
+        if held is not e and held is not None:
+            self.release(key, held)
+        return held is e
 
     def release(self, key: K, e: E) -> None:
         with self.lock:
@@ -174,6 +193,16 @@ class PinnedLRU(Generic[K, E]):
         self._entries[key] = e
         self.used += e.size
 
+    def adopt_locked(self, key: K, e: E) -> bool:
+        """Index an entry whose storage appeared from elsewhere (another process's write). True if `key`
+        is stored now; False if it was deleted here while referenced (not to be served again)."""
+        if key in self._entries or key in self._writing:
+            return True
+        if key in self._doomed:
+            return False
+        self.publish_locked(key, e)
+        return True
+
     def abandon_locked(self, key: K) -> None:
         self._writing.discard(key)
 
@@ -193,3 +222,27 @@ class PinnedLRU(Generic[K, E]):
             if self._doomed.get(key) is e:
                 del self._doomed[key]
             self._free(e, False)
+
+
+class IndexedByKey:
+    """The control half of a tier whose `index` is a `PinnedLRU` keyed by `ChunkKey` (the memory tiers):
+    delete, pin, unpin, clear (of a namespace), and close (no puts after it)."""
+
+    index: PinnedLRU
+    _closed: bool
+
+    def delete(self, keys) -> int:
+        return self.index.delete(keys)
+
+    def pin(self, keys) -> list[bool]:
+        return self.index.pin(keys)
+
+    def unpin(self, keys) -> None:
+        self.index.unpin(keys)
+
+    def clear(self, namespace: str | None = None) -> int:
+        return self.index.clear(lambda k, e: namespace is None or k.namespace == namespace)
+
+    def close(self) -> None:
+        with self.index.lock:
+            self._closed = True

@@ -26,7 +26,7 @@ from kvstore.errors import TierError
 from kvstore.keys import ChunkKey
 from kvstore.tiers.arena import Arena
 from kvstore.tiers.base import Prepared, Tier, TierUsage, Timer
-from kvstore.tiers.lru import Entry, PinnedLRU
+from kvstore.tiers.lru import Entry, IndexedByKey, PinnedLRU
 
 
 @dataclass(slots=True)
@@ -40,7 +40,7 @@ class _Region(Entry):
     start_pos: int = 0
 
 
-class MemoryTier(Tier):
+class MemoryTier(IndexedByKey, Tier):
     def __init__(self, capacity_bytes: int, device: str | torch.device = "cpu", pin_memory: bool | None = None, name: str | None = None) -> None:
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -164,21 +164,3 @@ class MemoryTier(Tier):
                     pinned.append(c.key)
                     views[i] = self._chunk(e)
         return Prepared([v if v is not None else c.copy() for v, c in zip(views, chunks)], accepted, pinned)
-
-    # -- control -------------------------------------------------------------------------------------
-
-    def delete(self, keys: Sequence[ChunkKey]) -> int:
-        return self.index.delete(keys)
-
-    def pin(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        return self.index.pin(keys)
-
-    def unpin(self, keys: Sequence[ChunkKey]) -> None:
-        self.index.unpin(keys)
-
-    def clear(self, namespace: str | None = None) -> int:
-        return self.index.clear(lambda k, e: namespace is None or k.namespace == namespace)
-
-    def close(self) -> None:
-        with self.index.lock:
-            self._closed = True

@@ -2,10 +2,12 @@
 
 Every call is one request per batch of up to `max_batch_keys` keys on a pooled keep-alive connection:
 `contains` -> `batch_contains`, `get` -> `batch_get` (a stream of length-prefixed records, checked and
-decoded one at a time as they arrive), `put` -> `batch_put` (the same framing), `delete` ->
-`batch_delete`. Records travel in the record format with `codec` and are checked on arrival like in any
-byte tier (`ByteTier`): header and payload checksums, and the key in the record against the key asked
-for; a bad one is a miss, counted as corrupt.
+decoded one at a time as they arrive, a raw payload read from the socket straight into the output
+tensor), `put` -> `batch_put` (the same framing; the record's buffers are sent as they are, never joined),
+`delete` -> `batch_delete`. Records travel in the record format with `codec`; the sidecar stores and
+serves them as they came. They are checked on arrival like in any byte tier (`ByteTier`): header and
+payload checksums, and the key in the record against the key asked for; a bad one is a miss, counted
+as corrupt. A put the sidecar could not make durable (507) is a refused put (False), not an outage.
 
 Degrade, don't fail: every request has a timeout. When the sidecar is unreachable, too slow, answers 5xx
 or rejects the token, the tier marks itself down for `retry_after` seconds: meanwhile `contains`/`get`
@@ -29,18 +31,56 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
 from codec import Codec
+from kvstore.chunk import Chunk
 from kvstore.errors import TierError
 from kvstore.keys import ChunkKey
-from kvstore.record import DEFAULT_MAX_KV_BYTES
+from kvstore.record import DEFAULT_MAX_KV_BYTES, read_record
 from kvstore.tiers.base import TierUsage
-from kvstore.tiers.byte_tier import RecordParts, RemoteTier
+from kvstore.tiers.byte_tier import RecordBytes, RecordParts, RemoteTier
 from kvstore.wire import FRAME, key_to_json
 
 log = logging.getLogger(__name__)
 
 
-class _Unavailable(Exception):
-    """The sidecar could not serve a request (network, timeout, 5xx, auth, a short stream)."""
+class _Unavailable(ConnectionError):
+    """The sidecar could not serve a request (network, timeout, 5xx, auth, a short stream). An OSError:
+    met while a record is read, it is that key's miss, and the tier is then marked down."""
+
+
+class _Frame:
+    """The next `left` bytes of a response, as the stream `read_record` reads a record from; the bytes
+    go from the socket straight into the caller's buffer (`readinto`)."""
+
+    def __init__(self, resp: urllib3.BaseHTTPResponse, n: int) -> None:
+        # urllib3 copies what it reads once more; the http.client response underneath reads into place.
+        fp = getattr(resp, "_fp", None)
+        self._raw = fp if fp is not None and hasattr(fp, "readinto") else resp
+        self.left = n
+
+    def readinto(self, b) -> int:
+        view = memoryview(b).cast("B")[: self.left]
+        n = self._raw.readinto(view) if view else 0
+        if not n and self.left:
+            raise _Unavailable(f"record stream ended early ({self.left} bytes missing)")
+        self.left -= n
+        return n
+
+    def read(self, n: int) -> bytes:
+        buf = bytearray(min(n, self.left))
+        got = 0
+        while got < len(buf):
+            got += self.readinto(memoryview(buf)[got:])
+        return bytes(buf)
+
+    def more(self) -> bool:
+        """Whether the response goes on past what this frame was given (a stream longer than announced)."""
+        return bool(self._raw.read(1))
+
+    def skip(self) -> None:
+        """Read past what the caller left unread (a record that failed a check before its payload)."""
+        scratch = memoryview(bytearray(min(self.left, 1 << 20)))
+        while self.left:
+            self.readinto(scratch)
 
 
 class SidecarTier(RemoteTier):
@@ -76,16 +116,20 @@ class SidecarTier(RemoteTier):
 
     # -- requests ------------------------------------------------------------------------------------
 
-    def _request(self, method: str, path: str, *, body: bytes | None = None, json_body: Any = None,
-                 read_only: bool, stream: bool = False, timeout: urllib3.Timeout | None = None) -> urllib3.BaseHTTPResponse:
-        """One request -> its 2xx response. `TierError` for 400/413 (this request is refused: logged, the
-        tier stays up); `_Unavailable` for anything else (network, timeout, 401/403, 404, 5xx)."""
+    def _request(self, method: str, path: str, *, body: list | None = None, json_body: Any = None,
+                 read_only: bool, stream: bool = False, timeout: urllib3.Timeout | None = None,
+                 answers: tuple[int, ...] = ()) -> urllib3.BaseHTTPResponse:
+        """One request -> its 2xx response (or one whose status is in `answers`). `body`: buffers sent
+        back to back, unjoined. `TierError` for 400/413 (this request is refused: logged, the tier stays
+        up); `_Unavailable` for anything else (network, timeout, 401/403, 404, 5xx)."""
         headers = dict(self._headers)
         if json_body is not None:
-            body = json.dumps(json_body).encode()
+            body = [json.dumps(json_body).encode()]
             headers["Content-Type"] = "application/json"
         elif body is not None:
             headers["Content-Type"] = "application/octet-stream"
+        if body is not None:
+            headers["Content-Length"] = str(sum(memoryview(b).nbytes for b in body))
         attempts = 2 if read_only else 1
         for attempt in range(attempts):
             try:
@@ -97,7 +141,7 @@ class SidecarTier(RemoteTier):
             except (Urllib3Error, OSError) as e:
                 if attempt + 1 == attempts:
                     raise _Unavailable(str(e)) from None
-        if resp.status < 300:
+        if resp.status < 300 or resp.status in answers:
             return resp
         message = self._error_message(resp, stream)
         if resp.status in (400, 413):
@@ -129,14 +173,7 @@ class SidecarTier(RemoteTier):
 
     @staticmethod
     def _read_exact(resp: urllib3.BaseHTTPResponse, n: int) -> bytes:
-        parts, got = [], 0
-        while got < n:
-            data = resp.read(n - got)
-            if not data:
-                raise _Unavailable(f"record stream ended early ({got} of {n} bytes)")
-            parts.append(data)
-            got += len(data)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return _Frame(resp, n).read(n)
 
     def _groups(self, items: Sequence) -> range:
         return range(0, len(items), self.max_batch_keys)
@@ -157,8 +194,8 @@ class SidecarTier(RemoteTier):
                 found += [bool(p) for p in present]
         return found + [False] * (len(keys) - len(found))
 
-    def _sources(self, keys: Sequence[ChunkKey]) -> Iterator[tuple[int, bytes, int]]:
-        """Each group's records as the stream delivers them: one record in memory at a time."""
+    def _sources(self, keys: Sequence[ChunkKey]) -> Iterator[tuple[int, _Frame, int]]:
+        """Each group's records as the stream delivers them, each read in place by `_read` / `_hold`."""
         with self._call("get"):
             for start in self._groups(keys):
                 group = keys[start : start + self.max_batch_keys]
@@ -172,8 +209,10 @@ class SidecarTier(RemoteTier):
                             continue
                         if n > 2 * self.max_kv_bytes + (1 << 20):
                             raise _Unavailable(f"record frame of {n} bytes is implausible")
-                        yield start + j, self._read_exact(resp, n), n
-                    if resp.read(1):
+                        frame = _Frame(resp, n)
+                        yield start + j, frame, n
+                        frame.skip()
+                    if _Frame(resp, 0).more():
                         raise _Unavailable("record stream is longer than the keys asked for")
                     clean = True
                 finally:
@@ -181,22 +220,28 @@ class SidecarTier(RemoteTier):
                         resp.close()  # unread bytes on the connection: never reuse it
                     resp.release_conn()
 
+    def _read(self, source: _Frame, key: ChunkKey | None, out) -> Chunk | None:
+        return read_record(source, out, key=key, max_kv_bytes=self.max_kv_bytes, size=source.left)
+
+    def _hold(self, source: _Frame, size: int) -> RecordBytes | None:
+        return RecordBytes(size, data=source.read(size))
+
     def _write(self, keys: Sequence[ChunkKey], records: Sequence[RecordParts]) -> tuple[list[bool], int, int]:
         ok: list[bool] = []
         nbytes = 0
         with self._call("put"):
             for start in self._groups(keys):
                 group = records[start : start + self.max_batch_keys]
-                parts = []
+                body = []
                 for record in group:
-                    parts += [FRAME.pack(sum(len(p) for p in record)), *record]
-                body = b"".join(parts)
-                resp = self._request("POST", "/v1/records:batch_put", body=body, read_only=False, timeout=self._put_timeout)
-                results = self._json(resp).get("results")
+                    body += [FRAME.pack(sum(memoryview(p).nbytes for p in record)), *record]
+                resp = self._request("POST", "/v1/records:batch_put", body=body, read_only=False,
+                                     timeout=self._put_timeout, answers=(507,))
+                results = self._json(resp).get("results")  # 507: some were refused, `results` says which
                 if not isinstance(results, list) or len(results) != len(group):
                     raise _Unavailable("batch_put answered the wrong number of records")
                 ok += [r in ("created", "present") for r in results]
-                nbytes += len(body)
+                nbytes += sum(memoryview(b).nbytes for b in body)
         return ok + [False] * (len(keys) - len(ok)), sum(ok), nbytes
 
     def delete(self, keys: Sequence[ChunkKey]) -> int:

@@ -353,13 +353,13 @@ def test_redis_target_and_a_dead_server_is_reported_not_recorded(tmp_path, shipp
 
 def test_sidecar_target_with_a_token(tmp_path, shipped, fingerprint):
     from kvstore.config import ServerConfig, build_store
-    from kvstore.service import TokenTable, make_app, server_codec
+    from kvstore.service import TokenTable, make_app
     from tests.support.service import ServiceThread
 
     store_cfg = load_config(None, {}, {"disk.path": str(tmp_path / "sidecar"), "memory.enabled": "false"})
-    store = build_store(store_cfg)
+    store = build_store(store_cfg, records=True)
     table = TokenTable({"s3cret": ["pc"]})
-    svc = ServiceThread(lambda: make_app(store, server_codec(store_cfg), ServerConfig(), table)).start()
+    svc = ServiceThread(lambda: make_app(store, ServerConfig(), table)).start()
     try:
         docs = gen_docs(2, seed=13)
         corpus = tmp_path / "c.jsonl"

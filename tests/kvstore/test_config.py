@@ -26,7 +26,9 @@ def test_defaults():
     assert cfg.memory == MemoryConfig(capacity=2 << 30, device="cpu")
     assert cfg.gpu is None
     assert cfg.disk.path == default_cache_dir() and cfg.disk.capacity == 20 << 30
-    assert cfg.disk.codec == "zstd" and cfg.disk.codec_level is None and cfg.disk.fsync
+    # Durability: acknowledged once in the page cache ("process-crash"), synced every second (docs/SERVICE.md).
+    assert cfg.disk.codec == "zstd" and cfg.disk.codec_level is None and not cfg.disk.fsync
+    assert cfg.disk.sync_interval_s == 1.0
 
 
 def test_toml_file(tmp_path):
@@ -41,13 +43,13 @@ capacity = "1GiB"
 path = "{tmp_path / 'cache'}"
 capacity = "5GB"
 codec = "raw"
-fsync = false
+fsync = true
 """)
     cfg = load_config(p, env={})
     assert cfg.chunk_tokens == 128 and cfg.namespace == "team-a" and not cfg.write_through
     assert cfg.max_pending_bytes == 64 << 20
     assert cfg.memory.capacity == 1 << 30
-    assert cfg.disk == DiskConfig(path=tmp_path / "cache", capacity=5 * 10**9, codec="raw", fsync=False)
+    assert cfg.disk == DiskConfig(path=tmp_path / "cache", capacity=5 * 10**9, codec="raw", fsync=True)
     # The file may also come from $KVSTORE_CONFIG.
     assert load_config(env={"KVSTORE_CONFIG": str(p)}) == cfg
 
@@ -73,9 +75,9 @@ capacity = "1GiB"
 
 
 def test_env_paths_and_booleans(tmp_path):
-    cfg = load_config(env={"KVSTORE_DISK_PATH": "~/somewhere", "KVSTORE_DISK_FSYNC": "off", "KVSTORE_WRITE_THROUGH": "0", "KVSTORE_PROMOTE_ON_HIT": "yes"})
+    cfg = load_config(env={"KVSTORE_DISK_PATH": "~/somewhere", "KVSTORE_DISK_FSYNC": "on", "KVSTORE_WRITE_THROUGH": "0", "KVSTORE_PROMOTE_ON_HIT": "yes"})
     assert cfg.disk.path == Path("~/somewhere").expanduser() and not cfg.disk.path.as_posix().startswith("~")
-    assert not cfg.disk.fsync and not cfg.write_through and cfg.promote_on_hit
+    assert cfg.disk.fsync and not cfg.write_through and cfg.promote_on_hit
 
 
 @pytest.mark.parametrize(
@@ -255,7 +257,10 @@ def test_server_section(tmp_path):
     p = write(tmp_path, f'[server]\nhost = "0.0.0.0"\nport = 9000\ntokens_file = "{tmp_path / "t.toml"}"\n'
                         'max_body_bytes = "1MiB"\nmax_batch_keys = 16\nrequest_timeout_s = 2.5\n')
     cfg = load_config(p, env={"KVSTORE_SERVER_PORT": "9001"})
-    assert cfg.server == ServerConfig("0.0.0.0", 9001, tmp_path / "t.toml", 1 << 20, 16, 2.5)
+    assert cfg.server == ServerConfig("0.0.0.0", 9001, tmp_path / "t.toml", 1 << 20, max_batch_keys=16,
+                                      request_timeout_s=2.5)
+    assert cfg.server.kv_limit == 1 << 20  # tied to the body limit unless set
+    assert load_config(env={}, overrides={"server.max_kv_bytes": "4MiB"}).server.kv_limit == 4 << 20
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -484,3 +484,54 @@ def test_index_rebuild_sees_every_record(tmp_path):
     assert all(again.contains([r.key for r in refs]))
     sample = again.get([refs[0].key, refs[n // 2].key, refs[-1].key])
     assert [np.array_equal(s.tokens, r.tokens) for s, r in zip(sample, [refs[0], refs[n // 2], refs[-1]])] == [True] * 3
+
+
+# -- privacy and symbolic links (issue 15, D6 and D7) ------------------------------------------------------
+
+
+def test_records_and_directories_are_private(tmp_path, chunk_factory):
+    tier = tier_at(tmp_path / "t")
+    tier.put([chunk_factory(i) for i in range(3)])
+    tier.close()
+    root = tmp_path / "t"
+    for p in root.rglob("*"):
+        mode = p.stat().st_mode & 0o777
+        assert mode == (0o700 if p.is_dir() else 0o600), (p, oct(mode))
+
+
+def test_an_older_store_is_made_private_at_start(tmp_path, chunk_factory):
+    os.makedirs(tmp_path / "t" / "records" / "test", mode=0o755)
+    os.chmod(tmp_path / "t" / "records", 0o755)
+    tier_at(tmp_path / "t").close()
+    assert (tmp_path / "t" / "records").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_symlinked_namespace_directory_is_refused_and_nothing_acknowledged_is_lost(tmp_path, chunk_factory):
+    """Puts used to follow the link while the index rebuild skipped it: acknowledged, then gone."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    tier = tier_at(tmp_path / "t")
+    os.symlink(elsewhere, tmp_path / "t" / "records" / "test")
+    cs = [chunk_factory(i) for i in range(5)]
+    ok = tier.put(cs)
+    tier.close()
+    assert not list(elsewhere.rglob("*.kvr"))  # nothing written through the link
+    again = tier_at(tmp_path / "t")
+    for c, stored in zip(cs, ok):
+        assert (again.get([c.key])[0] is not None) == stored  # every True is still there
+    assert ok == [False] * 5 and tier.stats.errors == 5
+    again.close()
+
+
+def test_a_symlinked_record_file_is_never_read(tmp_path, chunk_factory):
+    tier = tier_at(tmp_path / "t")
+    c = chunk_factory(1)
+    tier.put([c])
+    path = record_path(tier, c)
+    tier.close()
+    target = tmp_path / "outside.kvr"
+    os.replace(path, target)
+    os.symlink(target, path)
+    again = tier_at(tmp_path / "t")
+    assert again.contains([c.key]) == [False] and again.get([c.key]) == [None]
+    again.close()

@@ -112,16 +112,20 @@ def test_records_move_between_byte_tiers_as_bytes(tmp_path, server):
     cs = chunks_for(3)
     disk.put(cs)
     keys = [c.key for c in cs] + [chunks_for(1, seed=9)[0].key]
-    records = disk.get_bytes(keys)
-    assert records[-1] is None and all(isinstance(r, bytes) for r in records[:3])
+    held = disk.get_bytes(keys)
+    assert held[-1] is None
+    records = [bytes(r.read()) for r in held[:3]]
+    for r in held[:3]:
+        r.close()
     tier = RedisTier(server.url, make_codec("raw"))  # another codec: the records keep their own
-    assert tier.put_bytes(keys[:3], records[:3]) == [True] * 3
-    assert tier.get_bytes(keys[:3]) == records[:3]  # the very bytes, never decoded and re-encoded
+    assert tier.put_bytes(keys[:3], records) == [True] * 3
+    assert [r.read() for r in tier.get_bytes(keys[:3])] == records  # the very bytes, never decoded and re-encoded
     got = tier.get(keys[:3])
     assert all(torch.equal(g.kv, c.kv) and np.array_equal(g.tokens, c.tokens) for g, c in zip(got, cs))
     raw = redis.Redis.from_url(server.url)
     raw.set(f"kvs:t:{cs[1].key.hex()}", records[0])  # a valid record under another key: not served
     assert tier.get_bytes([cs[1].key]) == [None] and tier.stats.corrupt == 1
+    assert disk.get_bytes(keys[:1], check="header")[0].read() == records[0]  # a file, its header checked
     disk.close()
     tier.close()
 
@@ -216,3 +220,24 @@ def test_slow_redis_never_blocks_puts(tmp_path, server):
     for i in range(6):
         assert all(store.tiers[1].contains([c.key for c in chunks_for(2, seed=10 + i)]))
     store.close()
+
+
+def test_a_key_of_the_wrong_type_is_its_own_miss_and_is_removed(server):
+    """A LIST where a record should be (issue 15, D5): a miss for that key alone, counted and deleted;
+    the rest of the batch is served and the tier stays up."""
+    tier = RedisTier(server.url, make_codec("raw"))
+    cs = chunks_for(3, seed=5)
+    assert tier.put(cs) == [True] * 3
+    raw = redis.Redis.from_url(server.url)
+    name = f"kvs:t:{cs[1].key.hex()}"
+    raw.delete(name)
+    raw.rpush(name, b"not a record")
+    for _ in range(2):
+        got = tier.get([c.key for c in cs])
+        assert got[1] is None and all(torch.equal(g.kv, c.kv) for g, c in zip([got[0], got[2]], [cs[0], cs[2]]))
+        assert tier.available() and tier.stats.errors == 0
+    assert tier.stats.corrupt == 1 and raw.exists(name) == 0  # removed at the first miss
+    assert tier.put([cs[1]]) == [True] and torch.equal(tier.get([cs[1].key])[0].kv, cs[1].kv)
+    raw.rpush(name + "x", b"y")
+    assert tier.get_bytes([cs[0].key])[0].read() and tier.available()
+    tier.close()

@@ -426,3 +426,53 @@ def test_close_is_idempotent_and_final(tmp_path, kv_factory):
 def test_store_needs_a_tier():
     with pytest.raises(ValueError):
         TieredStore([])
+
+
+# -- durable puts (issue 15, D1) ---------------------------------------------------------------------------
+
+
+def test_a_durable_put_answers_with_the_disk_tiers_result_on_a_full_filesystem(tmp_path, kv_factory):
+    """A real 2 MiB filesystem: the puts that return True are on disk (a new tier finds them), the others
+    return False and are counted, where the store used to answer True for all of them."""
+    from tests.support.fs import tiny_fs
+
+    with tiny_fs(tmp_path / "fs", "2m") as fs:
+        store = TieredStore([MemoryTier(1 << 24), DiskTier(fs / "store", 1 << 30, make_codec("raw"))], chunk_tokens=CT)
+        big = (4, 2, CT, 16, 64)  # 128 KiB
+        cs = [Chunk.from_ref(r, kv_factory(big, torch.float16, seed=i))
+              for i, r in enumerate(store.chunk_refs(np.arange(24 * CT), fingerprint=MODEL))]
+        ok = store.put(cs, durable=True)
+        assert True in ok and False in ok
+        assert store.counters.refused_puts == ok.count(False) and store.durability == "process-crash"
+        store.close()
+        again = DiskTier(fs / "store", 1 << 30, make_codec("raw"))
+        assert again.contains([c.key for c in cs]) == ok
+        again.close()
+
+
+def test_a_durable_put_refused_by_the_disk_tier_is_false_without_a_mount(tmp_path, kv_factory, monkeypatch):
+    """The same with ENOSPC simulated (for machines where a tmpfs cannot be mounted)."""
+    import errno
+
+    import kvstore.tiers.disk as disk_module
+
+    store = make_store(tmp_path)
+    _, _, chunks = prompt(store, 3, kv_factory=kv_factory)
+    real = disk_module.write_file
+
+    def full(final, parts, fsync):
+        if "full" in calls:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(final, parts, fsync)
+
+    calls = set()
+    monkeypatch.setattr(disk_module, "write_file", full)
+    assert store.put(chunks[:1], durable=True) == [True]
+    calls.add("full")
+    assert store.put(chunks[1:], durable=True) == [False, False]
+    assert store.counters.refused_puts == 2 and store.tiers[1].stats.errors == 2
+    assert store.tiers[1].contains([c.key for c in chunks]) == [True, False, False]
+    # Asynchronous writes that fail are counted too (they used to count as written).
+    store.put([Chunk.from_ref(r, c.kv) for r, c in zip(store.chunk_refs(np.arange(CT) + 5, fingerprint=MODEL), chunks)])
+    assert store.flush(10) and store.counters.async_failures == 1
+    store.close()

@@ -1,8 +1,9 @@
 """Real sidecar servers for the tests, on free loopback ports.
 
-- `ServiceThread`: an aiohttp app from `kvstore.service.make_app` served on its own event loop in a
-  thread (a real socket, so synchronous clients such as `SidecarTier` can call it from the test thread);
-  stop and start it again on the same port to play a sidecar that goes away and comes back.
+- `ServiceThread`: an aiohttp app from `kvstore.service.make_app` served with the service's own
+  connections (`kvstore.service.listen`) on its own event loop in a thread (a real socket, so synchronous
+  clients such as `SidecarTier` can call it from the test thread); stop and start it again on the same
+  port to play a sidecar that goes away and comes back.
 (`ServeProcess`, `kvstore serve` in a subprocess, lives in `benchmarks.servers` beside the Redis servers.)
 """
 
@@ -15,6 +16,7 @@ from typing import Callable
 from aiohttp import web
 
 from benchmarks.servers import free_port
+from kvstore.service import listen
 
 
 class ServiceThread:
@@ -35,16 +37,16 @@ class ServiceThread:
 
         def run() -> None:
             asyncio.set_event_loop(loop)
-            runner = web.AppRunner(self.app_factory(), access_log=None, shutdown_timeout=0.2)
             try:
-                loop.run_until_complete(runner.setup())
-                loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+                runner, listener, _ = loop.run_until_complete(listen(self.app_factory(), "127.0.0.1", self.port,
+                                                                         shutdown_timeout=0.2))
             except BaseException as e:  # reported to start()
                 failure.append(e)
                 ready.set()
                 return
             ready.set()
             loop.run_forever()
+            listener.close()
             loop.run_until_complete(runner.cleanup())
             loop.close()
 
