@@ -258,8 +258,8 @@ class MissingCodebooks:
             self._counts[fingerprint] = self._counts.get(fingerprint, 0) + chunks
         if first:
             log.warning("no cachegen codebook for model %s: its chunks carry per-chunk tables (~7%% more bits); "
-                        "profile one with `python -m connectors.profile --model ... --dtype ...` "
-                        "in the dtype the model is served in (see docs/CODEC.md)", fingerprint)
+                        "profile one with `python -m connectors.profile --model ... --dtype ... --fingerprint %s` "
+                        "in the dtype the model is served in (see docs/CODEC.md)", fingerprint, fingerprint)
 
     def snapshot(self) -> dict[str, int]:
         """{fingerprint: chunks encoded with per-chunk tables} since the process started."""

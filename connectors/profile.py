@@ -1,10 +1,14 @@
 """`python -m connectors.profile`: profile a cachegen codebook for a Hugging Face causal LM and save it.
 
     python -m connectors.profile --texts FILE --out ~/.cache/kvstore/codebooks [--model NAME|DIR] [--dtype D]
-        [--chunks 48] [--sensitivity-contexts 8]
+        [--fingerprint FP] [--chunks 48] [--sensitivity-contexts 8]
 
 `--model` is a registered model (`smollm2-135m`, the default; `tiny`) or a local transformers model folder,
 loaded in `--dtype` (the dtype it will be served in: the fingerprint, and so the codebook, depends on it);
+the codebook is written under the transformers connector's fingerprint of that model, or under
+`--fingerprint` (another engine's name for the same model's KV, e.g. the vLLM connector's, which hashes
+the folder rather than the module: the missing-codebook warning and metric name it; its dtype field must
+be `--dtype`);
 `--texts` a file with
 one text per line, or a .jsonl whose objects have a "text" field or "passages" (texts like the ones the
 model will serve; never the set you measure on).
@@ -113,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), tiny or a Hugging Face folder")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                     help="the dtype the model will be served in: part of the fingerprint the codebook is for")
+    ap.add_argument("--fingerprint", default=None,
+                    help="write the codebook under this model fingerprint (default: the transformers connector's "
+                         "for the loaded model); for another engine's, e.g. the vLLM connector's "
+                         "`<type>-<dtype>-vllm-<hex>`, as its missing-codebook warning or metric names it")
     ap.add_argument("--chunks", type=int, default=48, help="256-token chunks to profile (default 48)")
     ap.add_argument("--sensitivity-contexts", type=int, default=8,
                     help="576-token windows to measure the model's sensitivity on (default 8; 0: layer-RMS steps)")
@@ -121,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--chunks must be >= 1 and --sensitivity-contexts >= 0")
     from connectors.models import load_model
 
+    if args.fingerprint is not None and args.fingerprint.split("-")[1:2] != [args.dtype]:
+        ap.error(f"fingerprint {args.fingerprint!r} is not of a model served in {args.dtype}: "
+                 f"profile with the --dtype its second field names")
     model, tokenizer = load_model(args.model, getattr(torch, args.dtype))
     texts = read_texts(args.texts)
     sensitivity = None
@@ -131,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             ap.error(str(e))
         print(f"sensitivity over {args.sensitivity_contexts} contexts: {time.perf_counter() - t0:.1f} s")
-    cb = profile_kv(model_fingerprint(model), sample_chunks(model, tokenizer, texts, args.chunks), sensitivity)
+    fingerprint = args.fingerprint or model_fingerprint(model)
+    cb = profile_kv(fingerprint, sample_chunks(model, tokenizer, texts, args.chunks), sensitivity)
     path = cb.save(args.out)
     print(f"codebook for {cb.fingerprint}: {path} ({path.stat().st_size} bytes, levels {sorted(cb.freqs)})")
     return 0

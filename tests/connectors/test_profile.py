@@ -54,3 +54,15 @@ def test_sensitivity_of_the_tiny_model():
     assert all(p.requires_grad for p in model.parameters())  # left as it was
     with pytest.raises(ValueError, match="window"):
         kv_sensitivity(model, tok, ["too short"], contexts=2)
+
+
+def test_codebook_under_another_engines_fingerprint(tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text(TEXT + "\n")
+    out = tmp_path / "codebooks"
+    fp = "llama-bfloat16-vllm-0123456789abcdef"  # the shape of the vLLM connector's fingerprints
+    args = ["--model", "tiny", "--texts", str(texts), "--out", str(out), "--chunks", "1", "--sensitivity-contexts", "0"]
+    assert main(args + ["--dtype", "bfloat16", "--fingerprint", fp]) == 0
+    assert CodebookRegistry([out]).for_fingerprint(fp) is not None
+    with pytest.raises(SystemExit):  # a float32 profile cannot serve a bfloat16 engine's chunks
+        main(args + ["--dtype", "float32", "--fingerprint", fp])
