@@ -8,7 +8,8 @@ the tiny model on its held-out RAG prompts): bits per element with all metadata
 (payload + codec params), relative reconstruction error per layer, and next-token fidelity: the context's
 KV goes through the codec and the continuation is run on the decoded KV, against the unquantized KV
 (KL and top-1 agreement). Speed on a random 32 layers x 8 KV heads x 128 chunk (fp16, 2 threads), in MB/s
-of fp16 input/output, beside a plain copy of the same tensor measured in the same run. Also: the
+of fp16 input/output, beside a plain copy of the same tensor measured in the same run; and the cachegen
+levels again on one 256-token chunk of the model's own KV (fp16) with its codebook. Also: the
 anchor-delta measurement (ideal code length of the same symbols with and without delta coding).
 """
 
@@ -131,15 +132,19 @@ def delta_measurement(chunks: list[torch.Tensor], train: list[torch.Tensor]) -> 
     return res
 
 
-def speed(codecs, repeats: int) -> list[dict]:
+def speed(codecs, repeats: int, kv: torch.Tensor | None = None) -> list[dict]:
+    """Encode / decode MB/s of fp16 KV beside a copy of it, 2 threads: on `kv` [L, 2, T, H, D] fp16 with the
+    codecs as given, or (None) on a random 32 x 8 x 128 chunk with random codebooks for cachegen."""
     rans.set_threads(2)
     torch.set_num_threads(2)
-    kv = torch.randn(32, 2, CHUNK, 8, 128).to(torch.float16)
+    real = kv is not None
+    if not real:
+        kv = torch.randn(32, 2, CHUNK, 8, 128).to(torch.float16)
     mb = kv.numel() * 2 / 1e6
     dst = torch.empty_like(kv)
     rows = []
     for name, codec in codecs:
-        if name.startswith("cachegen") and codec.codebook is not None:
+        if not real and name.startswith("cachegen") and codec.codebook is not None:
             codec = CacheGenCodec(codec.level, _random_codebook(kv, codec.level))
         p = codec.encode(kv)
         enc, dec, cp = [], [], []
@@ -219,16 +224,24 @@ def main(argv: list[str] | None = None) -> int:
     half = len(chunks) // 2
     delta = delta_measurement(chunks[half:], chunks[:half])
     print("anchor-delta measurement (ideal bits/elem, level-2 symbols, same error): " + ", ".join(f"{k} {v:.3f}" for k, v in delta.items()))
-    sp = speed([(n, c) for n, c in codecs if n in ("zstd", "int8", "kivi2", "cachegen-1", "cachegen-2", "cachegen-3", "cachegen-2 per-chunk table")],
-               3 if args.quick else 7)
+    timed = [(n, c) for n, c in codecs if n in ("zstd", "int8", "kivi2", "cachegen-2 per-chunk table") or n[:9] == "cachegen-"]
+    sp = speed(timed, 3 if args.quick else 7)
     print_table(["codec (32x8x128 fp16, 2 threads)", "encode MB/s", "decode MB/s", "copy MB/s", "decode / copy"],
                 [[r["codec"], r["encode_mb_s"], r["decode_mb_s"], r["copy_mb_s"], r["decode_mb_s"] / r["copy_mb_s"]] for r in sp])
+    # the same on one chunk of the model's own KV, with its codebook (the sink section included where it has one)
+    sp_model = speed([(n, c) for n, c in timed if n.startswith("cachegen")], 3 if args.quick else 7,
+                     chunks[0].to(torch.float16))
+    print_table([f"codec ({info['model']} chunk, fp16, 2 threads)", "encode MB/s", "decode MB/s", "copy MB/s", "decode / copy"],
+                [[r["codec"], r["encode_mb_s"], r["decode_mb_s"], r["copy_mb_s"], r["decode_mb_s"] / r["copy_mb_s"]] for r in sp_model])
     cg2 = next(r for r in sp if r["codec"] == "cachegen-2")
+    cg2_model = next(r for r in sp_model if r["codec"] == "cachegen-2")
     report.update({
         "codecs": per_codec, "speed": sp, "delta_measurement": delta,
         "bits_per_element_l2": l2["bits_per_element"], "kl_l2": l2["kl"], "top1_l2": l2["top1"],
         "ratio_vs_int8_l2": int8_bytes / l2["bytes"], "ratio_vs_per_chunk_cdf_l2": lm / l2["bytes"],
         "decode_mb_s": cg2["decode_mb_s"], "encode_mb_s": cg2["encode_mb_s"], "gpu_decode_gb_s": None,
+        "speed_model_chunk": sp_model, "decode_mb_s_model_chunk": cg2_model["decode_mb_s"],
+        "encode_mb_s_model_chunk": cg2_model["encode_mb_s"], "copy_mb_s": cg2["copy_mb_s"],
     })
     write_json(args.json, report)
     return 0

@@ -1,15 +1,21 @@
 """The quantizer of the `cachegen` codec: levels, step sizes, symbols, value tables, per-chunk tables.
 
 Quantization (per chunk, per layer and K/V, `lk = layer * 2 + kv`):
-    step[lk, c] = max(alpha[lk] * rms(kv[lk]), max|kv[lk, :, c]| / M), rounded up to a bfloat16
+    step[lk, c] = max(base[lk, c], max|kv[lk, :, c]| / M), rounded up to a bfloat16
     sym[lk, t, c] = round(kv[lk, t, c] / step[lk, c]) + M          in [0, 2M]
-One step size per layer and K/V (an absolute step for every channel) measured better than per-channel
-relative steps on the shipped model: the same error for fewer bits and better next-token fidelity (see
-docs/CODEC.md); the `max|.| / M` floor only widens the step of a channel whose outliers would not fit the
-alphabet. Every element's error is at most step / 2 (plus the output dtype's rounding).
-`alpha` depends on the level, on K vs V, and on the layer (the first quarter of layers is finer).
+`base` comes from the model's codebook when it has steps (version 2): `budget / sqrt(w[lk, c])`, with
+`w` the model's measured sensitivity to each (layer, K/V, channel) (the Fisher information of its next-
+token distribution, `sensitivity_steps`), so that every element adds the same expected KL: sensitive
+channels get fine steps, channels the model hardly reads get coarse ones. Without codebook steps (per-chunk
+tables, or a version-1 codebook) `base[lk, c] = alpha[lk] * rms(kv[lk])`, one step per layer and K/V,
+`alpha` depending on the level, K vs V and the layer (the first quarter of layers is finer).
+The `max|.| / M` floor only widens the step of a channel whose outliers would not fit the alphabet. Every
+element's error is at most step / 2 (plus the output dtype's rounding), except on sink tokens
+(`sink_tokens`: tokens whose keys are far below the chunk's median norm, the attention sink of a context),
+which the codec also stores at 16 bits and writes over the quantized values.
 
-Primitives: `steps` and `quantize` (KV -> step sizes, symbols), `count_symbols` (a codebook's profile),
+Primitives: `steps` and `quantize` (KV -> step sizes, symbols), `sensitivity_steps` (sensitivity ->
+a level's base steps), `count_symbols` (a codebook's profile),
 `dequantize_values` (symbol -> output bits, the decoders' table), `pack_tables` / `unpack_tables` /
 `chunk_tables` (the per-chunk frequency tables of a chunk without a codebook). The loops over elements
 are numba kernels.
@@ -29,14 +35,20 @@ from codec import rans
 from codec.base import CodecError
 from codec.rans import _load, _symbol
 
+SINK_RATIO = 0.6  # a token whose keys are below this share of the median token's norm is a sink
+MAX_SINKS = 4  # per chunk: bounds what sinks can cost (16 bits per element of each)
+SINK_MIN_TOKENS = 16  # shorter chunks have no reliable median
 _OUT_BITS = {torch.float16: (torch.int16, np.uint16), torch.bfloat16: (torch.int16, np.uint16), torch.float32: (torch.int32, np.uint32)}
 
 
 @dataclass(frozen=True, slots=True)
 class Level:
-    """One cachegen level: alphabet half-width M and the step, in units of the layer's RMS."""
+    """One cachegen level: alphabet half-width M; the step from sensitivity (`budget`: the step of an
+    element of unit sensitivity, `budget**2 / 24` its expected KL), and the fallback step in units of the
+    layer's RMS (`alpha_k`, `alpha_v`, `early_factor`) where the codebook has no steps."""
 
     m: int
+    budget: float
     alpha_k: float
     alpha_v: float
     early_factor: float  # multiplies alpha in the first quarter of the layers
@@ -56,26 +68,30 @@ class Level:
 
 
 LEVELS: dict[int, Level] = {
-    1: Level(m=31, alpha_k=1.0, alpha_v=1.4, early_factor=0.7),
-    2: Level(m=63, alpha_k=0.5, alpha_v=0.7, early_factor=0.7),
-    3: Level(m=127, alpha_k=0.22, alpha_v=0.3, early_factor=0.7),
+    1: Level(m=31, budget=4e-3, alpha_k=1.0, alpha_v=1.4, early_factor=0.7),
+    2: Level(m=63, budget=2.2e-3, alpha_k=0.5, alpha_v=0.7, early_factor=0.7),
+    3: Level(m=127, budget=1e-3, alpha_k=0.22, alpha_v=0.3, early_factor=0.7),
+    4: Level(m=127, budget=3e-4, alpha_k=0.08, alpha_v=0.1, early_factor=0.7),
 }
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _stats(x16, x32, lut16, n_tok, n_chan, sumsq, maxabs):  # pragma: no cover - numba
+def _stats(x16, x32, lut16, n_tok, n_chan, sumsq, maxabs, tok_sumsq):  # pragma: no cover - numba
     """input [LK * T * C] (see `rans._load`) -> sumsq [LK] float64, maxabs [LK * C] float32 (zeroed by the
-    caller)."""
+    caller), tok_sumsq [LK * T] float64 (each token's sum of squares)."""
     for lk in prange(sumsq.shape[0]):
         ss = 0.0
         for t in range(n_tok):
             base = (lk * n_tok + t) * n_chan
+            ts = 0.0
             for c in range(n_chan):
                 v = _load(x16, x32, lut16, base + c)
-                ss += np.float64(v) * v
+                ts += np.float64(v) * v
                 a = abs(v)
                 if not a <= maxabs[lk * n_chan + c]:  # also propagates NaN
                     maxabs[lk * n_chan + c] = a
+            tok_sumsq[lk * n_tok + t] = ts
+            ss += ts
         sumsq[lk] = ss
 
 
@@ -172,39 +188,77 @@ def _input(kv: torch.Tensor) -> tuple[np.ndarray, str]:
     return kv.to(torch.float32).contiguous().reshape(-1).numpy(), "f32"
 
 
-def steps(kv: torch.Tensor, level: Level) -> tuple[np.ndarray, str, np.ndarray, np.ndarray]:
-    """kv [L, 2, T, H, D] (CPU) -> (input, kind, step [L * 2 * C] float32, step bits uint16)."""
+def sensitivity_steps(weights: np.ndarray, level: Level) -> np.ndarray:
+    """Sensitivity w [L * 2 * C] (>= 0: expected KL per squared unit of error of each (layer, K/V, channel)
+    element) -> the level's base steps [L * 2 * C] float32, `budget / sqrt(w)`: every element then adds
+    about `budget**2 / 24` to the expected KL. A channel the model never reads gets a step 10**4 times
+    its layer's finest (it codes as zeros), not an infinite one."""
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if w.size == 0 or not np.isfinite(w).all() or (w < 0).any() or not (w > 0).any():
+        raise CodecError("sensitivity weights must be finite, >= 0 and not all zero")
+    w = np.maximum(w, w.max() * 1e-8)
+    return (level.budget / np.sqrt(w)).astype(np.float32)
+
+
+def sink_tokens(tok_sumsq: np.ndarray, layers: int, n_tok: int) -> np.ndarray:
+    """Each (layer, K/V, token)'s sum of squares [L * 2 * T] -> the chunk's attention-sink tokens (int64,
+    sorted, at most `MAX_SINKS`): tokens whose key norm, relative to the chunk's median token in each layer
+    and averaged over the layers but the first, is below `SINK_RATIO`. On SmolLM2 the first token of a
+    context is the sink (three quarters of the model's sensitivity to its whole context's KV sits on it)
+    and its keys are 0.40-0.42 of the median norm, every other token's >= 0.75 (44 contexts measured)."""
+    if n_tok < SINK_MIN_TOKENS:
+        return np.empty(0, dtype=np.int64)
+    k = np.sqrt(tok_sumsq.reshape(layers, 2, n_tok)[:, 0])  # [L, T] key norms
+    k = k[1:] if layers > 1 else k
+    med = np.median(k, axis=1, keepdims=True)
+    ratio = (k / np.where(med > 0, med, 1.0)).mean(axis=0)  # [T]
+    idx = np.flatnonzero(ratio < SINK_RATIO)
+    if idx.size > MAX_SINKS:
+        idx = idx[np.argsort(ratio[idx], kind="stable")[:MAX_SINKS]]
+    return np.sort(idx).astype(np.int64)
+
+
+def steps(kv: torch.Tensor, level: Level, base: np.ndarray | None = None
+          ) -> tuple[np.ndarray, str, np.ndarray, np.ndarray, np.ndarray]:
+    """kv [L, 2, T, H, D] (CPU), base [L * 2 * C] float32 steps (a codebook's) or None (the layer-RMS
+    rule) -> (input, kind, step [L * 2 * C] float32, step bits uint16, sink tokens int64 (`sink_tokens`))."""
     layers, _, n_tok = kv.shape[:3]
     n_chan = kv.shape[3] * kv.shape[4]
     x, kind = _input(kv)
     sumsq = np.zeros(layers * 2, dtype=np.float64)
     maxabs = np.zeros(layers * 2 * n_chan, dtype=np.float32)
-    _stats(*rans.kernel_input(x, kind), n_tok, n_chan, sumsq, maxabs)
+    tok_sumsq = np.empty(layers * 2 * n_tok, dtype=np.float64)
+    _stats(*rans.kernel_input(x, kind), n_tok, n_chan, sumsq, maxabs, tok_sumsq)
     if not (np.isfinite(sumsq).all() and np.isfinite(maxabs).all()):
         raise CodecError("cachegen cannot encode KV with non-finite values")
-    rms = np.sqrt(sumsq / (n_tok * n_chan)).astype(np.float32)
-    step = np.maximum(np.repeat(level.alphas(layers) * rms, n_chan), maxabs / np.float32(level.m))
+    if base is None:
+        rms = np.sqrt(sumsq / (n_tok * n_chan)).astype(np.float32)
+        base = np.repeat(level.alphas(layers) * rms, n_chan)
+    step = np.maximum(base, maxabs / np.float32(level.m))
     step = np.where(step > 0, step, np.float32(1.0)).astype(np.float32)  # an all-zero channel codes zeros
     bits = _bf16_up(step)
     step = _bf16_to_f32(bits)
     if not np.isfinite(step).all():
         raise CodecError("cachegen cannot encode KV this large (step size overflows bfloat16)")
-    return x, kind, step, bits
+    return x, kind, step, bits, sink_tokens(tok_sumsq, layers, n_tok)
 
 
-def quantize(kv: torch.Tensor, level: Level) -> tuple[np.ndarray, np.ndarray]:
-    """kv [L, 2, T, H, D] (CPU) -> (symbols [L * 2, T, C] uint8, step bits [L * 2 * C] uint16)."""
+def quantize(kv: torch.Tensor, level: Level, base: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """kv [L, 2, T, H, D] (CPU), base steps as in `steps` -> (symbols [L * 2, T, C] uint8, step bits
+    [L * 2 * C] uint16)."""
     layers, _, n_tok = kv.shape[:3]
     n_chan = kv.shape[3] * kv.shape[4]
-    x, kind, step, bits = steps(kv, level)
+    x, kind, step, bits, _ = steps(kv, level, base)
     sym = np.empty(x.size, dtype=np.uint8)
     _quantize(*rans.kernel_input(x, kind), n_tok, n_chan, step, level.m, sym)
     return sym.reshape(layers * 2, n_tok, n_chan), bits
 
 
-def count_symbols(kv: torch.Tensor, level: Level, counts: np.ndarray | None = None) -> np.ndarray:
-    """Add one chunk's symbol counts to counts [L * 2 * C, A] (int64): the profile of a codebook."""
-    sym, _ = quantize(kv, level)
+def count_symbols(kv: torch.Tensor, level: Level, counts: np.ndarray | None = None,
+                  base: np.ndarray | None = None) -> np.ndarray:
+    """Add one chunk's symbol counts (quantized with `base` steps as in `steps`) to counts [L * 2 * C, A]
+    (int64): the profile of a codebook."""
+    sym, _ = quantize(kv, level, base)
     n_lk, n_tok, n_chan = sym.shape
     if counts is None:
         counts = np.zeros((n_lk * n_chan, level.alphabet), dtype=np.int64)

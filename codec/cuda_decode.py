@@ -4,7 +4,8 @@
 path), uploads the stream words, the per-chunk step values and (once per table set) the coding tables,
 and runs one thread per stream writing the output dtype's bits straight into `out` (a CUDA tensor). The
 arithmetic is the CPU kernel's, integer for integer, and the symbol -> value table is computed on the host
-for both, so the output is bit-exact with `CacheGenCodec.decode`.
+for both, so the output is bit-exact with `CacheGenCodec.decode`; sink tokens (payload version 2) are
+then written over by the same `Parsed.write_sinks` as on the CPU.
 
 Tested on the CPU through numba's simulator (`NUMBA_ENABLE_CUDASIM=1`, set before numba is imported),
 where `out` may be a CPU tensor.
@@ -96,6 +97,7 @@ def decode_cuda(codec: CacheGenCodec, payload: memoryview, out: torch.Tensor) ->
         bad = int(np.flatnonzero(st)[0])
         what = "runs past its end" if st[bad] == OVERRUN else "ends in a wrong state"
         raise CodecError(f"cachegen stream {bad} is corrupt ({what})")
+    p.write_sinks(out)  # the same 16-bit values and conversion as the CPU path
 
 
 __all__ = ["decode_cuda"]

@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from codec.codebook import missing_codebooks
 from kvstore.chunk import Chunk, deliver
 from kvstore.errors import InvalidChunkError
 from kvstore.keys import DEFAULT_NAMESPACE, ChunkKey, ChunkKind, ChunkRef, chunk_refs
@@ -403,6 +404,8 @@ class TieredStore:
             "store": self.counters.snapshot(),
             "pending_bytes": sum(w.pending_bytes for w in self._writers),
             "tiers": {t.name: {"usage": t.usage(), "stats": t.stats.snapshot()} for t in self.tiers},
+            # per model fingerprint: chunks encoded without its codebook (process-wide: codecs are shared)
+            "chunks_without_codebook": missing_codebooks.snapshot(),
         }
 
     def close(self) -> None:

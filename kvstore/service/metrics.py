@@ -38,6 +38,11 @@ class StoreCollector:
         for name, value in s["store"].items():
             yield CounterMetricFamily(f"kvstore_store_{name}", f"Store counter {name}.", value=value)
         yield GaugeMetricFamily("kvstore_store_pending_bytes", "Bytes queued for the slower tiers.", value=s["pending_bytes"])
+        fam = CounterMetricFamily("kvstore_codec_chunks_without_codebook",
+                                  "Chunks cachegen encoded with per-chunk tables: no codebook for their model.", labels=["model"])
+        for fingerprint, n in s["chunks_without_codebook"].items():
+            fam.add_metric([fingerprint], n)
+        yield fam
 
 
 class Metrics:

@@ -10,6 +10,7 @@ import torch
 from codec import CodecError, codec_from_params, make_codec
 from codec.cachegen import LEVELS, CacheGenCodec, _bf16_to_f32, count_symbols, quantize
 from codec.codebook import Codebook, CodebookRegistry, codebooks, profile_codebook
+from codec.profile import profile_kv
 from codec.rans import TOTAL, CodingTables, normalize_freqs
 
 SHAPE = (3, 2, 40, 2, 24)  # L, 2, T, H, D: C = 48 is not a multiple of the 16-channel stream group
@@ -61,18 +62,18 @@ def test_error_within_level_bound(level, dtype):
     assert ((out.float() - kv.float()).abs() <= bound).all()
     # and the level's relative error is what its alphas promise, finer levels strictly smaller
     rel = ((out.float() - kv.float()).norm() / kv.float().norm()).item()
-    assert rel < {1: 0.45, 2: 0.22, 3: 0.1}[level]
+    assert rel < {1: 0.45, 2: 0.22, 3: 0.1, 4: 0.04}[level]
 
 
 def test_levels_trade_size_for_error():
     kv = kv_like(shape=(4, 2, 128, 2, 32), seed=3)
     sizes, errs = [], []
-    for level in (1, 2, 3):
+    for level in sorted(LEVELS):
         c = CacheGenCodec(level)
         p = c.encode(kv)
         sizes.append(len(p))
         errs.append(((decode(c, p, kv) - kv).norm() / kv.norm()).item())
-    assert sizes[0] < sizes[1] < sizes[2] and errs[0] > errs[1] > errs[2]
+    assert sizes == sorted(set(sizes)) and errs == sorted(set(errs), reverse=True)
 
 
 def _codebook(model: str, chunks: list[torch.Tensor]) -> Codebook:
@@ -198,3 +199,153 @@ def test_half_inputs_encode_like_their_float32_values(dtype):
     kv = kv_like(seed=4, dtype=dtype)
     for c in (CacheGenCodec(2), CacheGenCodec(3)):
         assert c.encode(kv) == c.encode(kv.float())
+
+
+def test_sensitivity_sets_the_steps_of_a_codebook():
+    shape = (2, 2, 64, 2, 16)
+    train = [kv_like(shape=shape, seed=s) for s in range(3)]
+    n = 2 * 2 * 32
+    w = np.full(n, (LEVELS[2].budget / 0.6) ** 2)  # level 2 steps of 0.6 (the values are ~N(0, 1))
+    w[5] *= 100  # layer 0, K, channel 5: 100x as sensitive -> a 10x finer step
+    cb = profile_kv("test-model-sens", train, w)
+    codebooks.register(cb)
+    assert sorted(cb.step_bits) == sorted(LEVELS)
+    for lv in LEVELS:
+        base = cb.base_steps(lv)
+        assert base[5] == pytest.approx(base[6] / 10, rel=0.01)
+    kv = kv_like(shape=shape, seed=7)
+    codec = CacheGenCodec(2, cb)
+    payload = codec.encode(kv)
+    out = decode(codec, payload, kv)
+    step = _bf16_to_f32(np.frombuffer(payload, dtype="<u2", count=n, offset=18)).reshape(2 * 2, 32)
+    want = np.maximum(cb.base_steps(2).reshape(4, 32),
+                      kv.reshape(2, 2, 64, 32).abs().amax(dim=2).reshape(4, 32).numpy() / LEVELS[2].m)
+    assert np.allclose(step, want, rtol=2**-7)  # the codebook's step, or the floor that fits the alphabet
+    err = (out - kv).reshape(2, 2, 64, 32).abs().amax(dim=2).reshape(4, 32).numpy()
+    assert (err <= step / 2 * (1 + 1e-6)).all()
+    assert err[0, 5] < err[0, 6] / 4  # the sensitive channel is coded finer
+    # the codebook's steps survive its file format
+    again = Codebook.from_bytes(cb.to_bytes())
+    assert all(np.array_equal(again.step_bits[lv], cb.step_bits[lv]) for lv in LEVELS)
+
+
+def _version1_bytes(cb: Codebook) -> bytes:
+    """The same codebook in file format version 1 (no steps), as written before steps existed."""
+    import struct
+
+    import xxhash
+
+    fp = cb.fingerprint.encode()
+    parts = [struct.pack("<4sHBHIB", b"KVCB", 1, 15, cb.layers, cb.channels, len(cb.freqs)), bytes([len(fp)]), fp]
+    for lv in sorted(cb.freqs):
+        parts += [struct.pack("<BH", lv, cb.freqs[lv].shape[1]), cb.freqs[lv].astype("<u2").tobytes()]
+    body = b"".join(parts)
+    return body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
+
+
+def test_version1_codebook_still_loads_and_codes_with_layer_steps():
+    shape = (2, 2, 32, 2, 16)
+    train = [kv_like(shape=shape, seed=s) for s in range(2)]
+    plain = _codebook("test-model-v1", train)  # no sensitivity: no steps
+    old = Codebook.from_bytes(_version1_bytes(plain))
+    assert old.step_bits == {} and old.base_steps(2) is None
+    assert all(np.array_equal(old.freqs[lv], plain.freqs[lv]) for lv in LEVELS)
+    kv = kv_like(shape=shape, seed=3)
+    a, b = CacheGenCodec(2, old).encode(kv), CacheGenCodec(2).encode(kv)
+    # the same steps as the codebook-less path (the layer-RMS rule)
+    n = 2 * 2 * 32
+    assert np.array_equal(np.frombuffer(a, "<u2", n, 18), np.frombuffer(b, "<u2", n, 18))
+
+
+def test_bad_sensitivity_and_steps_are_refused():
+    shape = (1, 2, 32, 1, 16)
+    train = [kv_like(shape=shape)]
+    with pytest.raises(CodecError, match="sensitivity"):
+        profile_kv("m", train, np.ones(7))
+    for bad in (np.zeros(32), np.full(32, np.nan), -np.ones(32)):
+        with pytest.raises(CodecError, match="sensitivity"):
+            profile_kv("m", train, bad)
+    cb = profile_kv("test-model-badsteps", train, np.ones(32))
+    raw = bytearray(cb.to_bytes()[:-8])
+    # the level-1 steps are the last 64 bytes before level 2's header; make one of them +infinity
+    level1_end = raw.index(bytes([2]) + (2 * LEVELS[2].m + 1).to_bytes(2, "little") + b"\x01")
+    raw[level1_end - 2 : level1_end] = np.array([0x7F80], dtype="<u2").tobytes()
+    import struct
+
+    import xxhash
+
+    with pytest.raises(CodecError, match="steps"):
+        Codebook.from_bytes(bytes(raw) + struct.pack("<Q", xxhash.xxh3_64_intdigest(bytes(raw))))
+
+
+def _with_sink(shape=(3, 2, 64, 2, 16), seed=0, dtype=torch.float32, token=0):
+    """KV whose token `token` has keys at 0.3 of the others' norm in every layer (a SmolLM2-like sink)."""
+    kv = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    kv[:, :, token] *= 0.3
+    kv[:, 1, token] += 0.01 * torch.arange(shape[3] * shape[4]).reshape(shape[3], shape[4])  # distinct values
+    return kv.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_sink_token_is_kept_at_16_bits(dtype):
+    kv = _with_sink(dtype=dtype, token=5)
+    codec = CacheGenCodec(1)
+    payload = codec.encode(kv)
+    assert payload[6] & 2  # flags: sink tokens
+    out = decode(codec, payload, kv)
+    want = kv[:, :, 5].to(torch.float16).to(dtype) if dtype == torch.float32 else kv[:, :, 5]
+    assert torch.equal(out[:, :, 5], want)
+    others = torch.cat([out[:, :, :5], out[:, :, 6:]], dim=2).float()
+    ref = torch.cat([kv[:, :, :5], kv[:, :, 6:]], dim=2).float()
+    assert (others - ref).abs().max() > 1e-3  # the rest is quantized coarsely, as before
+    # a chunk without a sink carries no sink section
+    plain = torch.randn(3, 2, 64, 2, 16, generator=torch.Generator().manual_seed(1))
+    assert not codec.encode(plain)[6] & 2
+
+
+def test_sink_rule():
+    from codec.cachegen_quant import MAX_SINKS, sink_tokens
+
+    layers, n_tok = 4, 64
+    norms = np.ones((layers, 2, n_tok))
+    norms[:, 0, [3, 9]] = 0.4
+    norms[0, 0, 20] = 0.01  # only the first layer: not a sink (layer 0 is left out)
+    assert sink_tokens(norms.reshape(-1) ** 2, layers, n_tok).tolist() == [3, 9]
+    norms[:, 0, :10] = np.linspace(0.1, 0.5, 10)[None, :]
+    assert sink_tokens(norms.reshape(-1) ** 2, layers, n_tok).tolist() == list(range(MAX_SINKS))
+    assert sink_tokens(norms[:, :, :8].reshape(-1) ** 2, layers, 8).size == 0  # too short to judge
+
+
+def test_version1_payload_still_decodes_and_refuses_sinks():
+    kv = torch.randn(3, 2, 64, 2, 16, generator=torch.Generator().manual_seed(2))
+    codec = CacheGenCodec(2)
+    v2 = bytearray(codec.encode(kv))
+    assert v2[4] == 2 and not v2[6] & 2
+    v1 = bytearray(v2)
+    v1[4] = 1  # a version-1 payload is the same bytes when there is no sink section
+    assert torch.equal(decode(codec, bytes(v1), kv), decode(codec, bytes(v2), kv))
+    v1[6] |= 2
+    with pytest.raises(CodecError, match="flags"):
+        decode(codec, bytes(v1), kv)
+    v3 = bytearray(v2)
+    v3[4] = 3
+    with pytest.raises(CodecError, match="version 3"):
+        decode(codec, bytes(v3), kv)
+
+
+def test_bad_sink_sections_are_codec_errors():
+    kv = _with_sink(token=0)
+    codec = CacheGenCodec(2)
+    payload = bytearray(codec.encode(kv))
+    n_tab = 3 * 2 * 32
+    blob_at = 18 + 2 * n_tab
+    (blob_len,) = np.frombuffer(payload, "<u4", 1, blob_at)
+    sink_at = blob_at + 4 + int(blob_len)
+    assert payload[sink_at] == 1 and payload[sink_at + 1] == 1  # one token, float16
+    for at, value in ((sink_at, 0), (sink_at + 1, 9), (sink_at + 2, 64)):
+        bad = bytearray(payload)
+        bad[at] = value
+        with pytest.raises(CodecError, match="sink"):
+            decode(codec, bytes(bad), kv)
+    with pytest.raises(CodecError):
+        decode(codec, bytes(payload[: sink_at + 10]), kv)

@@ -21,7 +21,11 @@ PLAIN = CacheGenCodec(2)
 CB = _codebook("fuzz-model", [kv_like(shape=SHAPE, seed=s) for s in range(3)])
 codebooks.register(CB)
 WITH_CB = CacheGenCodec(2, CB)
-PAYLOADS = {"chunk-tables": (PLAIN, PLAIN.encode(KV)), "codebook": (WITH_CB, WITH_CB.encode(KV))}
+SINK_KV = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
+SINK_KV[:, :, 2] *= 0.3  # a sink token: the payload carries a sink section
+PAYLOADS = {"chunk-tables": (PLAIN, PLAIN.encode(KV)), "codebook": (WITH_CB, WITH_CB.encode(KV)),
+            "sinks": (WITH_CB, WITH_CB.encode(SINK_KV))}
+assert PAYLOADS["sinks"][1][6] & 2
 
 
 def try_decode(codec, data: bytes) -> None:

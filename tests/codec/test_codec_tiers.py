@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from codec import codec_names, make_codec
-from codec.cachegen import LEVELS, count_symbols
-from codec.codebook import codebooks, profile_codebook
+from codec.cachegen import LEVELS, CacheGenCodec, count_symbols
+from codec.codebook import codebooks, missing_codebooks, profile_codebook
 from kvstore.chunk import Chunk
 from kvstore.keys import chunk_refs
 from kvstore.record import decode_record, encode_record, parse_header
@@ -21,7 +21,7 @@ from benchmarks.servers import RedisServer
 CT = 32
 SHAPE = (2, 2, CT, 2, 16)
 MODEL = "tiers-test-model"
-LOSSY_TOL = {"int8": 0.02, "kivi4": 0.12, "kivi2": 0.5, "cachegen": 0.22, "cachegen1": 0.45, "cachegen3": 0.1}
+LOSSY_TOL = {"int8": 0.02, "kivi4": 0.12, "kivi2": 0.5, "cachegen": 0.22, "cachegen1": 0.45, "cachegen3": 0.1, "cachegen4": 0.04}
 
 
 def chunks(n: int, seed: int = 0, fingerprint: str = MODEL) -> list[Chunk]:
@@ -70,6 +70,34 @@ def test_cachegen_record_names_the_codebook(codebook):
     other = chunks(1, fingerprint="no-codebook-model")[0]
     header, payload = encode_record(other, make_codec("cachegen", 2))
     assert len(parse_header(header + bytes(payload)).codec_params) == 2
+
+
+def test_missing_codebook_is_counted_and_warned_once(tmp_path, caplog):
+    model = "counted-no-codebook-model"
+    store = TieredStore([DiskTier(tmp_path, 1 << 30, make_codec("cachegen", 2), fsync=False)])
+    with caplog.at_level("WARNING", logger="codec.codebook"):
+        store.put(chunks(3, fingerprint=model))
+        store.put(chunks(2, seed=1, fingerprint=model))
+        store.flush()
+    warned = [r for r in caplog.records if model in r.getMessage()]
+    assert len(warned) == 1 and "--dtype" in warned[0].getMessage()
+    assert store.stats()["chunks_without_codebook"][model] == 5
+    assert missing_codebooks.snapshot()[model] == 5
+    # the model with a codebook is not counted
+    store.put(chunks(1, seed=2))
+    store.flush()
+    assert MODEL not in store.stats()["chunks_without_codebook"]
+    store.close()
+
+
+def test_codebook_registered_after_a_miss_is_used():
+    codec = CacheGenCodec(2)
+    model = "late-codebook-model"
+    assert codec.bind(model).codebook is None and codec.bind(model).fingerprint == model
+    counts = {2: count_symbols(chunks(1, fingerprint=model)[0].kv, LEVELS[2])}
+    cb = profile_codebook(model, counts, 2, 32)
+    codebooks.register(cb)
+    assert codec.bind(model).codebook is cb
 
 
 def test_unknown_codebook_is_a_miss(tmp_path):

@@ -30,6 +30,21 @@ SCRIPT = textwrap.dedent("""
             codec.decode(memoryview(p), a)
             decode_cuda(codec, memoryview(p), b)
             assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), dtype
+    # payload version 2: a sink token written over the streams, a codebook with steps from sensitivity
+    import numpy as np
+    from codec.profile import profile_kv
+    cbs = profile_kv("sim-steps", [torch.randn(2, 2, 32, 1, 20, generator=g)], np.linspace(1, 50, 80))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        kv = torch.randn(2, 2, 32, 1, 20, generator=g)
+        kv[:, :, 3] *= 0.3
+        kv = kv.to(dtype)
+        for codec in (CacheGenCodec(2), CacheGenCodec(2, cbs)):
+            p = codec.encode(kv)
+            assert p[6] & 2, "no sink section"
+            a, b = torch.empty_like(kv), torch.full_like(kv, 7.0)
+            codec.decode(memoryview(p), a)
+            decode_cuda(codec, memoryview(p), b)
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), dtype
     bad = bytearray(p); bad[-2] ^= 0x33
     try:
         decode_cuda(codec, memoryview(bytes(bad)), b)
@@ -52,7 +67,9 @@ def test_cuda_decoder_bit_exact_on_gpu():
     from codec.cachegen import CacheGenCodec
     from codec.cuda_decode import decode_cuda
 
-    kv = torch.randn(4, 2, 256, 8, 128).to(torch.float16)
+    kv = torch.randn(4, 2, 256, 8, 128)
+    kv[:, :, 0] *= 0.3  # a sink token: payload version 2's sink section
+    kv = kv.to(torch.float16)
     codec = CacheGenCodec(2)
     p = codec.encode(kv)
     a = torch.empty_like(kv)

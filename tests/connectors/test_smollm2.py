@@ -118,3 +118,43 @@ def test_connector_equals_plain_generation_from_memory_and_disk(smol, document, 
         assert t2.report.reused_tokens >= (len(t1.prompt_ids) // CT) * CT
         assert t2.answer_ids == _reference(model, t2.prompt_ids, 12, eos)
     store.close()
+
+
+def test_shipped_codebook_on_real_kv(smol):
+    """The shipped codebook's levels on SmolLM2's own KV (two 512-token contexts of the evaluation text,
+    32 teacher-forced tokens): level 2 within 2 bits per element, all bytes counted; level 4 at int8-like
+    next-token agreement; the context's first chunk carries its sink token, the second none."""
+    from benchmarks.fidelity import mean_kl, mean_top1_agreement
+    from benchmarks.texts import evaluation_text
+    from codec.cachegen import LEVELS, CacheGenCodec
+    from connectors.hf import kv_to_cache, model_fingerprint, prefill_kv, run_cached
+
+    model, tok = smol
+    fp = model_fingerprint(model)
+    ids = torch.tensor(tok(evaluation_text(), add_special_tokens=False, verbose=False)["input_ids"])
+    results = {}
+    for level in (2, 4):
+        codec = CacheGenCodec(level).bind(fp)
+        assert codec.codebook is not None and codec.codebook.base_steps(level) is not None
+        bits, elements, kls, top1 = 0, 0, [], []
+        for start in (0, 2000):
+            ctx, cont = ids[start : start + 512], ids[start + 512 : start + 544].reshape(1, -1)
+            kv = prefill_kv(model, ctx)  # [L, 2, 512, H, D]
+            out = torch.empty_like(kv)
+            for s in (0, 256):
+                payload = codec.encode(kv[:, :, s : s + 256].contiguous())
+                assert bool(payload[6] & 2) == (s == 0)  # the sink is the context's first token
+                part = torch.empty_like(kv[:, :, s : s + 256])
+                codec.decode(memoryview(payload), part)
+                out[:, :, s : s + 256] = part
+                bits += 8 * (len(payload) + len(codec.params()))
+                elements += part.numel()
+            with torch.inference_mode():
+                ref = run_cached(model, cont, kv_to_cache(kv, model))[0].logits[0]
+                got = run_cached(model, cont, kv_to_cache(out, model))[0].logits[0]
+            kls.append(mean_kl(ref, got))
+            top1.append(mean_top1_agreement(ref, got))
+        results[level] = (bits / elements, float(np.mean(kls)), float(np.mean(top1)))
+    assert results[2][0] <= 2.0 < results[4][0]
+    assert results[4][1] < results[2][1] / 10 and results[4][2] >= 0.97
+    assert LEVELS[4].budget < LEVELS[2].budget

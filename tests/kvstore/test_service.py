@@ -13,6 +13,7 @@ import torch
 import urllib3
 
 from codec import make_codec
+from codec.codebook import missing_codebooks
 from kvstore.chunk import Chunk
 from kvstore.cli import main as cli_main
 from kvstore.config import ServerConfig
@@ -236,6 +237,9 @@ def test_metrics(store, server, a):
     assert 'kvstore_tier_hits_total{tier="cpu"} 1.0' in text
     assert 'kvstore_tier_entries{tier="disk"} 1.0' in text
     assert "kvstore_store_async_writes_total" in text
+    missing_codebooks.count("metrics-test-model", 3)
+    text = Client(server.url, "tok-b")("GET", "/metrics").data.decode()
+    assert 'kvstore_codec_chunks_without_codebook_total{model="metrics-test-model"} 3.0' in text
 
 
 def test_openapi_describes_every_route(server, a):

@@ -397,7 +397,8 @@ def test_stats_shape(store, kv_factory):
     store.flush(10)
     store.get(refs)
     s = store.stats()
-    assert set(s) == {"store", "pending_bytes", "tiers"}
+    assert set(s) == {"store", "pending_bytes", "tiers", "chunks_without_codebook"}
+    assert all(isinstance(n, int) for n in s["chunks_without_codebook"].values())
     assert set(s["store"]) >= {"lookups", "lookup_tokens", "lookup_hit_tokens", "token_mismatches", "tier_failures",
                                "promotions", "demotions", "async_writes", "async_failures"}
     assert not any(k.startswith("_") for k in s["store"])
