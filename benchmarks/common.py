@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from typing import Callable
@@ -71,3 +72,26 @@ def write_json(path: str | None, data: dict) -> None:
         with open(path, "w") as f:
             json.dump(data, f, indent=2, sort_keys=True)
         print(f"wrote {path}")
+
+
+def context_sizes(quick: bool, max_positions: int, reserve: int, chunk: int) -> list[int]:
+    """2K, 4K (and 8K unless quick) context tokens, each capped to the longest chunk-aligned context that
+    leaves `reserve` positions (question and output) within the model's `max_positions`."""
+    fit = (max_positions - reserve) // chunk * chunk
+    return sorted({min(n, fit) for n in ([2048, 4096] if quick else [2048, 4096, 8192])})
+
+
+def size_label(n: int) -> str:
+    """A context size as the tables and JSON keys name it: 2k, 4k, 8k."""
+    return f"{round(n / 1024)}k"
+
+
+def drop_page_cache() -> bool:
+    """Drop the OS page cache (root only) so that the next read comes from the disk; False if not allowed."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False

@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import add_model_option, load_bench_model, median_seconds, print_table, write_json
+from benchmarks.common import (add_model_option, context_sizes, drop_page_cache, load_bench_model, median_seconds,
+                               print_table, size_label, write_json)
 from benchmarks.texts import evaluation_text, tokens_of
 from codec import codec_names, make_codec
 from connectors.hf import HFConnector, compute_chunks, decode_greedy, model_fingerprint, run_cached
@@ -51,26 +52,6 @@ def _context_ids(model_name: str, tok, n_tokens: int) -> np.ndarray:
     else:
         text = evaluation_text()
     return tokens_of(tok, text, n_tokens + QUESTION_TOKENS)
-
-
-def _sizes(quick: bool, max_positions: int) -> list[int]:
-    """2K, 4K (and 8K) tokens, each capped to the longest chunk-aligned context that fits with the question."""
-    fit = (max_positions - QUESTION_TOKENS - OUTPUT_TOKENS) // CHUNK * CHUNK
-    return sorted({min(n, fit) for n in ([2048, 4096] if quick else [2048, 4096, 8192])})
-
-
-def _label(n: int) -> str:
-    return f"{round(n / 1024)}k"
-
-
-def _drop_page_cache() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 LEVELS = {"cachegen": (1, 2, 3)}  # codecs measured at each of their quality levels; zstd at its default
@@ -96,10 +77,10 @@ def main() -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
     model, tok, info = load_bench_model(args.model)
-    sizes = _sizes(args.quick, model.config.max_position_embeddings)
+    sizes = context_sizes(args.quick, model.config.max_position_embeddings, QUESTION_TOKENS + OUTPUT_TOKENS, CHUNK)
     fp = model_fingerprint(model)
     root = Path(args.dir or tempfile.mkdtemp(prefix="ttft-bench-"))
-    can_drop = _drop_page_cache()
+    can_drop = drop_page_cache()
     variants = _codec_variants()
     results: dict[str, float] = dict(info)
     rows = []
@@ -124,8 +105,8 @@ def main() -> None:
             ref_tokens = decode_greedy(model, cache, out.logits[0, -1], OUTPUT_TOKENS)
         del cache
         base = median_seconds(full, repeats, warmup=0)
-        rows.append([_label(n), "full prefill", "-", f"{base * 1e3:.1f}", "1.000", "-", "-", "-"])
-        results[f"ttft_full_ms_{_label(n)}"] = base * 1e3
+        rows.append([size_label(n), "full prefill", "-", f"{base * 1e3:.1f}", "1.000", "-", "-", "-"])
+        results[f"ttft_full_ms_{size_label(n)}"] = base * 1e3
 
         stores: list[tuple[str, str, TieredStore, bool]] = [
             ("memory", "-", TieredStore([MemoryTier(kv_bytes + (1 << 20))], chunk_tokens=CHUNK), True)]
@@ -157,23 +138,23 @@ def main() -> None:
                 identical_lossless = False
             del first
             reports.clear()
-            t = median_seconds(ours, repeats, warmup=0, before=_drop_page_cache if cold else None)
+            t = median_seconds(ours, repeats, warmup=0, before=drop_page_cache if cold else None)
             rep = [p.report for p in reports]
             assert all(r.reused_tokens == n for r in rep), f"{mode}: expected {n} reused tokens"
             load = statistics.median(r.load_s for r in rep)
             pre_s = statistics.median(r.prefill_s for r in rep)
             ratio = t / base
-            rows.append([_label(n), mode, f"{store.tiers[0].usage().used_bytes / kv_bytes:.3f}" if mode != "memory" else "-",
+            rows.append([size_label(n), mode, f"{store.tiers[0].usage().used_bytes / kv_bytes:.3f}" if mode != "memory" else "-",
                          f"{t * 1e3:.1f}", f"{ratio:.3f}", f"{load * 1e3:.1f}", f"{pre_s * 1e3:.1f}",
                          "yes" if same else "NO"])
             key = mode.replace("/", "_").replace("-", "_")
-            results[f"ttft_ratio_{key}_{_label(n)}"] = ratio
+            results[f"ttft_ratio_{key}_{size_label(n)}"] = ratio
             if mode == "memory":
-                results[f"ttft_ratio_memory_{_label(n)}"] = ratio
+                results[f"ttft_ratio_memory_{size_label(n)}"] = ratio
             elif mode == "disk/raw":
-                results[f"ttft_ratio_disk_{_label(n)}"] = ratio
+                results[f"ttft_ratio_disk_{size_label(n)}"] = ratio
             elif mode == "disk/cachegen-2":  # the project's codec at its default level
-                results[f"ttft_ratio_disk_codec_{_label(n)}"] = ratio
+                results[f"ttft_ratio_disk_codec_{size_label(n)}"] = ratio
             conn.close()
         for _, _, store, _ in stores:
             store.close()

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import add_model_option, print_table, write_json
+from benchmarks.common import add_model_option, context_sizes, drop_page_cache, print_table, size_label, write_json
 from benchmarks.texts import evaluation_text, tokens_of
 
 CHUNK = 256
@@ -40,25 +39,6 @@ QUESTION_TOKENS = 16
 OUTPUT_TOKENS = 8
 DECODE_TOKENS = 64
 MAX_MODEL_LEN = 8192
-
-
-def _sizes(quick: bool) -> list[int]:
-    fit = (MAX_MODEL_LEN - QUESTION_TOKENS - OUTPUT_TOKENS) // CHUNK * CHUNK
-    return sorted({min(n, fit) for n in ([2048, 4096] if quick else [2048, 4096, 8192])})
-
-
-def _label(n: int) -> str:
-    return f"{round(n / 1024)}k"
-
-
-def _drop_page_cache() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 class Bench:
@@ -112,7 +92,7 @@ class Bench:
                 served += f" ({int(failures)} chunks failed to load)"
         self.rows.append({"row": row, "n": n, "ttft_s": statistics.median(times), "cached": sorted(cached),
                           "served": served or "-", "identical": tokens.tokens == self.reference.get(n)})
-        print(f"  {row:10s} {_label(n)}: {statistics.median(times):.3f} s, cached {sorted(cached)}, {served}", flush=True)
+        print(f"  {row:10s} {size_label(n)}: {statistics.median(times):.3f} s, cached {sorted(cached)}, {served}", flush=True)
 
     def fill(self, engine) -> None:
         """Compute every prompt once (the connector saves its chunks), then wait for the saves."""
@@ -128,7 +108,7 @@ def run(args) -> dict:
     folder = str(model_path(args.model))
     tok = AutoTokenizer.from_pretrained(folder)
     text = evaluation_text()
-    sizes = _sizes(args.quick)
+    sizes = context_sizes(args.quick, MAX_MODEL_LEN, QUESTION_TOKENS + OUTPUT_TOKENS, CHUNK)
     prompts = {n: tokens_of(tok, text, n + QUESTION_TOKENS).tolist() for n in sizes}
     workdir = Path(args.dir or tempfile.mkdtemp(prefix="vllm-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -145,12 +125,12 @@ def run(args) -> dict:
         for n in sizes:
             bench.measure(e, "memory", n)
     disk_only = {"set": {"disk.path": str(disk), "memory.capacity": "1MiB"}}
-    cold = _drop_page_cache()
+    cold = drop_page_cache()
     with bench.engine("disk", disk_only) as e:
         for n in sizes:
             bench.measure(e, "disk", n)
             if cold:
-                bench.measure(e, "disk-cold", n, before=_drop_page_cache)
+                bench.measure(e, "disk-cold", n, before=drop_page_cache)
     from benchmarks.servers import ServeProcess
 
     tokens = workdir / "tokens.toml"
@@ -176,10 +156,10 @@ def run(args) -> dict:
     for r in bench.rows:
         ratio = r["ttft_s"] / base[r["n"]]
         key = r["row"].replace("-", "_")
-        out[f"vllm_ttft_s_{key}_{_label(r['n'])}"] = round(r["ttft_s"], 4)
+        out[f"vllm_ttft_s_{key}_{size_label(r['n'])}"] = round(r["ttft_s"], 4)
         if r["row"] != "recompute":
-            out[f"vllm_ttft_ratio_{key}_{_label(r['n'])}"] = round(ratio, 4)
-        table.append([r["row"], _label(r["n"]), r["ttft_s"], ratio, "yes" if r["identical"] else "NO",
+            out[f"vllm_ttft_ratio_{key}_{size_label(r['n'])}"] = round(ratio, 4)
+        table.append([r["row"], size_label(r["n"]), r["ttft_s"], ratio, "yes" if r["identical"] else "NO",
                       "/".join(map(str, r["cached"])), r["served"]])
     print()
     print_table(["row", "context", "TTFT s", "vs recompute", "identical", "cached tokens", "loaded from (tokens)"], table)

@@ -299,6 +299,18 @@ _SIZE_FIELDS = {"capacity", "max_pending_bytes", "max_body_bytes", "max_kv_bytes
 _PATH_FIELDS = {"path", "tokens_file"}
 
 
+def parse_flag(name: str, value: Any) -> bool:
+    """A boolean setting from a bool or its text (1/true/yes/on, 0/false/no/off); `ConfigError` otherwise."""
+    if isinstance(value, bool):
+        return value
+    s = str(value).lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
 def _coerce(name: str, value: Any, default: Any) -> Any:
     if name in _SIZE_FIELDS:
         return parse_size(value)
@@ -319,14 +331,7 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{name} must be a number, got {value!r}") from None
     if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        s = str(value).lower()
-        if s in ("1", "true", "yes", "on"):
-            return True
-        if s in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return parse_flag(name, value)
     if isinstance(default, int):
         try:
             return int(value)

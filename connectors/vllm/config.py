@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from kvstore.config import MemoryConfig, StoreConfig, build_store, load_config, parse_size
+from kvstore.config import MemoryConfig, StoreConfig, build_store, load_config, parse_flag, parse_size
 from kvstore.errors import ConfigError
 from kvstore.store import TieredStore
 
@@ -61,17 +61,6 @@ class ConnectorConfig:
                 f"or start vLLM with --block-size dividing {self.chunk_tokens}")
 
 
-def _flag(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    s = str(value).lower()
-    if s in ("1", "true", "yes", "on"):
-        return True
-    if s in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"kv_connector_extra_config.{name} must be true or false, got {value!r}")
-
-
 def connector_config(extra: Mapping[str, Any] | None, env: Mapping[str, str] | None = None) -> ConnectorConfig:
     """Parse `kv_connector_extra_config` (and the environment, `env`, default `os.environ`)."""
     extra = dict(extra or {})
@@ -90,8 +79,8 @@ def connector_config(extra: Mapping[str, Any] | None, env: Mapping[str, str] | N
     fingerprint = extra.get("fingerprint")
     if fingerprint is not None and (not isinstance(fingerprint, str) or not fingerprint):
         raise ConfigError("kv_connector_extra_config.fingerprint must be a non-empty string")
-    cfg = ConnectorConfig(store, fingerprint, _flag("load", extra.get("load", True)), _flag("save", extra.get("save", True)),
-                          parse_size(extra.get("max_pending_save_bytes", 1 << 30)))
+    load, save = (parse_flag(f"kv_connector_extra_config.{k}", extra.get(k, True)) for k in ("load", "save"))
+    cfg = ConnectorConfig(store, fingerprint, load, save, parse_size(extra.get("max_pending_save_bytes", 1 << 30)))
     check_persistent(cfg.store)
     return cfg
 
