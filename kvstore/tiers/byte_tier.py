@@ -118,27 +118,31 @@ class ByteTier(Tier):
     # -- chunks --------------------------------------------------------------------------------------
 
     def get(self, keys: Sequence[ChunkKey], out: Sequence[torch.Tensor | None] | None = None) -> list[Chunk | None]:
+        return self._fetch(keys, lambda i, source, size: self._read(source, keys[i], out[i] if out is not None else None))
+
+    def _fetch(self, keys: Sequence[ChunkKey], fetch: Callable[[int, object, int], object | None]) -> list:
+        """`fetch(i, source, size)` of each stored key (None elsewhere), counted: a bad record is a miss,
+        counted as corrupt and discarded; a read the medium failed is a miss, counted as an error."""
         if not keys:
             return []
         if not self.available():
             self.stats.add(misses=len(keys))
             return [None] * len(keys)
-        results: list[Chunk | None] = [None] * len(keys)
+        results: list = [None] * len(keys)
         nbytes = corrupt = errors = 0
         with Timer() as t, closing(self._sources(keys)) as sources:
             for i, source, size in sources:
-                key = keys[i]
                 try:
-                    results[i] = self._read(source, key, out[i] if out is not None else None)
+                    results[i] = fetch(i, source, size)
                     nbytes += size if results[i] is not None else 0
                 except RecordError as e:
                     corrupt += 1
-                    log.warning("%s tier: bad record for %s: %s", self.name, key, e)
-                    self._discard(key, source, str(e))
+                    log.warning("%s tier: bad record for %s: %s", self.name, keys[i], e)
+                    self._discard(keys[i], source, str(e))
                 except OSError as e:  # the medium failed under a read: a miss, counted
                     errors += 1
-                    log.warning("%s tier: reading %s failed: %s", self.name, key, e)
-        hits = sum(c is not None for c in results)
+                    log.warning("%s tier: reading %s failed: %s", self.name, keys[i], e)
+        hits = sum(r is not None for r in results)
         self.stats.add(hits=hits, misses=len(keys) - hits, corrupt=corrupt, errors=errors, bytes_read=nbytes,
                        get_calls=1, get_seconds=t.seconds)
         return results
@@ -165,30 +169,11 @@ class ByteTier(Tier):
         check but decoding (header, key, length, codec, payload checksum; the record is then in memory);
         `"header"`: the header, key and length only, which for a file reads only its first bytes (what a
         record server does before it sends a file whose payload its reader checks). Close each one."""
-        if not keys:
-            return []
-        if not self.available():
-            self.stats.add(misses=len(keys))
-            return [None] * len(keys)
-        results: list[RecordBytes | None] = [None] * len(keys)
-        nbytes = 0
-        with Timer() as t, closing(self._sources(keys)) as sources:
-            for i, source, size in sources:
-                try:
-                    rec = self._hold(source, size)
-                    if rec is not None:
-                        results[i] = self._checked(rec, keys[i], check)
-                        nbytes += rec.size
-                except RecordError as e:
-                    self.stats.add(corrupt=1)
-                    log.warning("%s tier: bad record for %s: %s", self.name, keys[i], e)
-                    self._discard(keys[i], source, str(e))
-                except OSError as e:
-                    self.stats.add(errors=1)
-                    log.warning("%s tier: reading %s failed: %s", self.name, keys[i], e)
-        hits = sum(r is not None for r in results)
-        self.stats.add(hits=hits, misses=len(keys) - hits, bytes_read=nbytes, get_calls=1, get_seconds=t.seconds)
-        return results
+        def fetch(i: int, source: object, size: int) -> RecordBytes | None:
+            rec = self._hold(source, size)
+            return self._checked(rec, keys[i], check) if rec is not None else None
+
+        return self._fetch(keys, fetch)
 
     def _checked(self, rec: RecordBytes, key: ChunkKey, check: Check) -> RecordBytes:
         try:
