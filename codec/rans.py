@@ -171,20 +171,24 @@ def gather_streams(scratch, starts, offsets, words):  # pragma: no cover - numba
 
 
 @njit(inline="always")
-def _dec(x, pos, last, words, tb, packed, lut):  # pragma: no cover - numba
-    """One rANS decoder step -> (symbol, x, pos). Reads are clamped to the stream's last word instead of
-    branching on the end: a stream that reads past its end ends with pos > end and is reported."""
+def _dec(x, pos, last, words, tp, tl, packed, lut):  # pragma: no cover - numba
+    """One rANS decoder step with the table whose first element is packed[tp] and first bucket lut[tl]
+    (both flattened) -> (index of the symbol in packed, x, pos). Indices are unsigned, so the hot loop has no negative-index wraparound code.
+    The renormalization is branchless (it is taken for about one symbol in five, at random): a word is
+    always loaded, clamped to the last one, and used where needed; a stream that reads past its end ends
+    with pos > end and is reported."""
     slot = x & (TOTAL - 1)
-    sy = np.int64(lut[tb, slot >> LUT_SHIFT])
-    e = np.int64(packed[tb, sy])
+    i = tp + np.uint64(lut[tl + np.uint64(slot >> LUT_SHIFT)])
+    e = np.int64(packed[i])
     while (e & 0xFFFF) + (e >> 16) <= slot:
-        sy += 1
-        e = np.int64(packed[tb, sy])
+        i += np.uint64(1)
+        e = np.int64(packed[i])
     x = (e >> 16) * (x >> PREC) + slot - (e & 0xFFFF)
-    if x < RANS_L:
-        x = (x << 16) | np.int64(words[min(pos, last)])
-        pos += 1
-    return sy, x, pos
+    need = x < RANS_L
+    w = np.int64(words[np.uint64(min(pos, last))])
+    x = ((x << 16) | w) if need else x
+    pos += np.int64(need)
+    return i, x, pos
 
 
 @njit(inline="always")
@@ -206,8 +210,58 @@ def _dec_status(x, pos, end):  # pragma: no cover - numba
     return OK
 
 
+@njit(inline="always")
+def _dec_lane(words, offsets, s, n_tok, n_chan, group, alphabet):  # pragma: no cover - numba
+    """Stream s's decoder lane: (state, position, end, packed index and lut index of its first table,
+    output index of its first element, its width in channels)."""
+    n_groups = (n_chan + group - 1) // group
+    lk, c = s // n_groups, (s % n_groups) * group
+    x, pos, end = _dec_open(words, offsets, s)
+    tb = np.uint64(lk * n_chan + c)
+    return x, pos, end, tb * np.uint64(alphabet), tb << np.uint64(LUT_BITS), lk * n_tok * n_chan + c, min(group, n_chan - c)
+
+
 @njit(parallel=True, cache=True, nogil=True)
-def decode_streams(words, offsets, n_tok, n_chan, group, packed, lut, vals, out, status):  # pragma: no cover
+def _decode_kernel(words, offsets, n_tok, n_chan, group, a, packed, lut, vals, out, status):  # pragma: no cover
+    """`decode_streams` on flattened tables: packed, vals [N * a], lut [N * 2**LUT_BITS]."""
+    ns = offsets.shape[0] - 1
+    if words.shape[0] == 0:
+        for s in range(ns):
+            status[s] = OVERRUN
+        return
+    last = words.shape[0] - 1  # reads clamp here; the per-stream end check reports any overrun
+    ua, ub = np.uint64(a), np.uint64(1 << LUT_BITS)
+    for qd in prange((ns + 3) // 4):
+        s0 = 4 * qd
+        s1, s2, s3 = min(s0 + 1, ns - 1), min(s0 + 2, ns - 1), min(s0 + 3, ns - 1)
+        x0, p0, e0, tp0, tl0, o0, w0 = _dec_lane(words, offsets, s0, n_tok, n_chan, group, a)
+        x1, p1, e1, tp1, tl1, o1, w1 = _dec_lane(words, offsets, s1, n_tok, n_chan, group, a)
+        x2, p2, e2, tp2, tl2, o2, w2 = _dec_lane(words, offsets, s2, n_tok, n_chan, group, a)
+        x3, p3, e3, tp3, tl3, o3, w3 = _dec_lane(words, offsets, s3, n_tok, n_chan, group, a)
+        for t in range(n_tok):
+            o = t * n_chan
+            for j in range(group):
+                uj = np.uint64(j)
+                if j < w0:
+                    i, x0, p0 = _dec(x0, p0, last, words, tp0 + uj * ua, tl0 + uj * ub, packed, lut)
+                    out[np.uint64(o0 + o + j)] = vals[i]
+                if j < w1:
+                    i, x1, p1 = _dec(x1, p1, last, words, tp1 + uj * ua, tl1 + uj * ub, packed, lut)
+                    out[np.uint64(o1 + o + j)] = vals[i]
+                if j < w2:
+                    i, x2, p2 = _dec(x2, p2, last, words, tp2 + uj * ua, tl2 + uj * ub, packed, lut)
+                    out[np.uint64(o2 + o + j)] = vals[i]
+                if j < w3:
+                    i, x3, p3 = _dec(x3, p3, last, words, tp3 + uj * ua, tl3 + uj * ub, packed, lut)
+                    out[np.uint64(o3 + o + j)] = vals[i]
+        status[s0] = _dec_status(x0, p0, e0)
+        status[s1] = _dec_status(x1, p1, e1)
+        status[s2] = _dec_status(x2, p2, e2)
+        status[s3] = _dec_status(x3, p3, e3)
+
+
+def decode_streams(words: np.ndarray, offsets: np.ndarray, n_tok: int, n_chan: int, group: int, packed: np.ndarray,
+                   lut: np.ndarray, vals: np.ndarray, out: np.ndarray, status: np.ndarray) -> None:
     """words (uint16, every stream back to back), offsets [n_streams + 1] -> out [LK * T * C].
 
     packed [N, A] uint32 (cum | freq << 16), lut [N, 2**LUT_BITS] uint8; vals [N, A]: the output element
@@ -217,45 +271,8 @@ def decode_streams(words, offsets, n_tok, n_chan, group, packed, lut, vals, out,
     overlaps; a last short quad repeats its last stream, which writes the same values). Every loop is
     bounded by the symbol count, every read by the word array.
     """
-    n_groups = (n_chan + group - 1) // group
-    ns = offsets.shape[0] - 1
-    if words.shape[0] == 0:
-        for s in range(ns):
-            status[s] = OVERRUN
-        return
-    last = words.shape[0] - 1  # reads clamp here; the per-stream end check reports any overrun
-    for qd in prange((ns + 3) // 4):
-        s0 = 4 * qd
-        s1, s2, s3 = min(s0 + 1, ns - 1), min(s0 + 2, ns - 1), min(s0 + 3, ns - 1)
-        lk0, lk1, lk2, lk3 = s0 // n_groups, s1 // n_groups, s2 // n_groups, s3 // n_groups
-        c0, c1, c2, c3 = (s0 % n_groups) * group, (s1 % n_groups) * group, (s2 % n_groups) * group, (s3 % n_groups) * group
-        w0, w1, w2, w3 = min(group, n_chan - c0), min(group, n_chan - c1), min(group, n_chan - c2), min(group, n_chan - c3)
-        x0, p0, e0 = _dec_open(words, offsets, s0)
-        x1, p1, e1 = _dec_open(words, offsets, s1)
-        x2, p2, e2 = _dec_open(words, offsets, s2)
-        x3, p3, e3 = _dec_open(words, offsets, s3)
-        for t in range(n_tok):
-            for j in range(group):
-                if j < w0:
-                    tb = lk0 * n_chan + c0 + j
-                    sy, x0, p0 = _dec(x0, p0, last, words, tb, packed, lut)
-                    out[(lk0 * n_tok + t) * n_chan + c0 + j] = vals[tb, sy]
-                if j < w1:
-                    tb = lk1 * n_chan + c1 + j
-                    sy, x1, p1 = _dec(x1, p1, last, words, tb, packed, lut)
-                    out[(lk1 * n_tok + t) * n_chan + c1 + j] = vals[tb, sy]
-                if j < w2:
-                    tb = lk2 * n_chan + c2 + j
-                    sy, x2, p2 = _dec(x2, p2, last, words, tb, packed, lut)
-                    out[(lk2 * n_tok + t) * n_chan + c2 + j] = vals[tb, sy]
-                if j < w3:
-                    tb = lk3 * n_chan + c3 + j
-                    sy, x3, p3 = _dec(x3, p3, last, words, tb, packed, lut)
-                    out[(lk3 * n_tok + t) * n_chan + c3 + j] = vals[tb, sy]
-        status[s0] = _dec_status(x0, p0, e0)
-        status[s1] = _dec_status(x1, p1, e1)
-        status[s2] = _dec_status(x2, p2, e2)
-        status[s3] = _dec_status(x3, p3, e3)
+    _decode_kernel(words, offsets, n_tok, n_chan, group, packed.shape[1], packed.reshape(-1), lut.reshape(-1),
+                   vals.reshape(-1), out, status)
 
 
 def n_streams(lk: int, n_chan: int, group: int) -> int:
