@@ -120,46 +120,92 @@ def _load(x16, x32, lut16, i):  # pragma: no cover - numba
     return x32[i]
 
 
+@njit(inline="always")
+def _enc(x, p, row, scratch, e, inv):  # pragma: no cover - numba
+    """One rANS encoder step of the symbol whose packed entry is e, on a stream whose words go down from
+    scratch[row + p - 1] -> (x, p). The renormalization is branchless: the word is always stored (a slot
+    below the stream's start, overwritten later or never read) and p moves where it was needed."""
+    f = e >> 16
+    need = x >= (f << (32 - PREC))
+    scratch[np.uint64(row + p - 1)] = x & 0xFFFF
+    p -= np.int64(need)
+    x = (x >> 16) if need else x
+    # x // f without a 64-bit division: a float reciprocal, then an exact fix-up (x < 2**32)
+    q = np.int64(np.float64(x) * inv[np.uint64(f)])
+    r = x - q * f
+    if r < 0:
+        q -= 1
+        r += f
+    elif r >= f:
+        q += 1
+        r -= f
+    return (q << PREC) + r + (e & 0xFFFF), p
+
+
+@njit(inline="always")
+def _enc_symbol(x16, x32, lut16, i, tb, step, m, packed, a):  # pragma: no cover - numba
+    """The packed entry of input element i's symbol under table tb."""
+    tb = np.uint64(tb)
+    sy = _symbol(_load(x16, x32, lut16, np.uint64(i)), step[tb], m)
+    return np.int64(packed[tb * np.uint64(a) + np.uint64(sy)])
+
+
+@njit(inline="always")
+def _enc_close(x, p, row, scratch):  # pragma: no cover - numba
+    """Flush a stream's final state (two words) -> its first word's position."""
+    p -= 2
+    scratch[np.uint64(row + p)] = (x >> 16) & 0xFFFF
+    scratch[np.uint64(row + p + 1)] = x & 0xFFFF
+    return p
+
+
 @njit(parallel=True, cache=True, nogil=True)
-def encode_streams(x16, x32, lut16, n_tok, n_chan, group, step, m, packed, inv, scratch, starts):  # pragma: no cover
+def _encode_kernel(x16, x32, lut16, n_tok, n_chan, group, step, m, a, packed, inv, cap, scratch, starts):  # pragma: no cover
+    """`encode_streams` on flattened arrays: packed [N * a], scratch [n_streams * cap]."""
+    n_groups = (n_chan + group - 1) // group
+    ns = starts.shape[0]
+    for qd in prange((ns + 3) // 4):
+        s0 = 4 * qd
+        s1, s2, s3 = min(s0 + 1, ns - 1), min(s0 + 2, ns - 1), min(s0 + 3, ns - 1)
+        lk0, lk1, lk2, lk3 = s0 // n_groups, s1 // n_groups, s2 // n_groups, s3 // n_groups
+        c0, c1, c2, c3 = (s0 % n_groups) * group, (s1 % n_groups) * group, (s2 % n_groups) * group, (s3 % n_groups) * group
+        w0, w1, w2, w3 = min(group, n_chan - c0), min(group, n_chan - c1), min(group, n_chan - c2), min(group, n_chan - c3)
+        x0 = x1 = x2 = x3 = np.int64(RANS_L)
+        p0 = p1 = p2 = p3 = cap
+        for t in range(n_tok - 1, -1, -1):
+            for j in range(group - 1, -1, -1):
+                if j < w0:
+                    e = _enc_symbol(x16, x32, lut16, (lk0 * n_tok + t) * n_chan + c0 + j, lk0 * n_chan + c0 + j, step, m, packed, a)
+                    x0, p0 = _enc(x0, p0, s0 * cap, scratch, e, inv)
+                if j < w1:
+                    e = _enc_symbol(x16, x32, lut16, (lk1 * n_tok + t) * n_chan + c1 + j, lk1 * n_chan + c1 + j, step, m, packed, a)
+                    x1, p1 = _enc(x1, p1, s1 * cap, scratch, e, inv)
+                if j < w2:
+                    e = _enc_symbol(x16, x32, lut16, (lk2 * n_tok + t) * n_chan + c2 + j, lk2 * n_chan + c2 + j, step, m, packed, a)
+                    x2, p2 = _enc(x2, p2, s2 * cap, scratch, e, inv)
+                if j < w3:
+                    e = _enc_symbol(x16, x32, lut16, (lk3 * n_tok + t) * n_chan + c3 + j, lk3 * n_chan + c3 + j, step, m, packed, a)
+                    x3, p3 = _enc(x3, p3, s3 * cap, scratch, e, inv)
+        starts[s0] = _enc_close(x0, p0, s0 * cap, scratch)
+        starts[s1] = _enc_close(x1, p1, s1 * cap, scratch)
+        starts[s2] = _enc_close(x2, p2, s2 * cap, scratch)
+        starts[s3] = _enc_close(x3, p3, s3 * cap, scratch)
+
+
+def encode_streams(x16: np.ndarray, x32: np.ndarray, lut16: np.ndarray, n_tok: int, n_chan: int, group: int,
+                   step: np.ndarray, m: int, packed: np.ndarray, inv: np.ndarray, scratch: np.ndarray,
+                   starts: np.ndarray) -> None:
     """Quantize and encode in one pass: the input [LK * T * C] (see `_load`) -> per stream, words at
     scratch[s, starts[s]:] (uint16).
 
     step [LK * C] float32; packed [N, A] uint32 (cum | freq << 16); inv [TOTAL + 1] float64 (1 / f);
     scratch [n_streams, T * group + 2] uint16; starts [n_streams] int64 (written).
-    A symbol with frequency 0 never occurs (the caller's tables guarantee it).
+    A symbol with frequency 0 never occurs (the caller's tables guarantee it). Four streams are encoded in
+    lockstep (four independent dependency chains, as in the decoder; a last short quad repeats its last
+    stream, which writes the same words).
     """
-    n_groups = (n_chan + group - 1) // group
-    for s in prange(scratch.shape[0]):
-        lk = s // n_groups
-        c0 = (s % n_groups) * group
-        c1 = min(c0 + group, n_chan)
-        x = np.int64(RANS_L)
-        p = scratch.shape[1]
-        for t in range(n_tok - 1, -1, -1):
-            base = (lk * n_tok + t) * n_chan
-            for c in range(c1 - 1, c0 - 1, -1):
-                tb = lk * n_chan + c
-                e = np.int64(packed[tb, _symbol(_load(x16, x32, lut16, base + c), step[tb], m)])
-                f = e >> 16
-                if x >= (f << (32 - PREC)):
-                    p -= 1
-                    scratch[s, p] = x & 0xFFFF
-                    x >>= 16
-                # x // f without a 64-bit division: a float reciprocal, then an exact fix-up (x < 2**32)
-                q = np.int64(np.float64(x) * inv[f])
-                r = x - q * f
-                if r < 0:
-                    q -= 1
-                    r += f
-                elif r >= f:
-                    q += 1
-                    r -= f
-                x = (q << PREC) + r + (e & 0xFFFF)
-        p -= 2
-        scratch[s, p] = (x >> 16) & 0xFFFF
-        scratch[s, p + 1] = x & 0xFFFF
-        starts[s] = p
+    _encode_kernel(x16, x32, lut16, n_tok, n_chan, group, step, m, packed.shape[1], packed.reshape(-1), inv,
+                   scratch.shape[1], scratch.reshape(-1), starts)
 
 
 @njit(parallel=True, cache=True, nogil=True)
