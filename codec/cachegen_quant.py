@@ -120,27 +120,18 @@ def _count(sym, n_tok, n_chan, alphabet, counts):  # pragma: no cover - numba
 
 @njit(inline="always")
 def _f32_to_f16(u):  # pragma: no cover - numba
-    """float32 bits -> float16 bits, round to nearest even (as torch's .to(float16))."""
+    """float32 bits -> float16 bits, round to nearest even (as torch's .to(float16)). Branch-free (both
+    results computed, then selected; after F. Giesen's float_to_half_fast3_rtne), so the value-table loop
+    does not stall on the zero symbol's subnormal path."""
     sign = (u >> 16) & 0x8000
     a = u & 0x7FFFFFFF
-    if a >= 0x7F800000:
-        return sign | (0x7E00 if a > 0x7F800000 else 0x7C00)
-    if a >= 0x477FF000:  # rounds to >= 2**16: infinity
-        return sign | 0x7C00
-    if a < 0x38800000:  # below float16's smallest normal: a subnormal (or zero)
-        e = a >> 23
-        sh = 126 - e
-        if sh > 24:
-            return sign
-        mant = (a & 0x7FFFFF) | 0x800000
-        q = mant >> sh
-        r = mant & ((1 << sh) - 1)
-        half = 1 << (sh - 1)
-        if r > half or (r == half and (q & 1) == 1):
-            q += 1
-        return sign | q
-    a = a - 0x38000000 + 0xFFF + ((a >> 13) & 1)
-    return sign | (a >> 13)
+    # a subnormal (or zero) result: adding 0.5 makes the FPU round the 10 mantissa bits into place
+    fs = np.float32(np.uint32(a).view(np.float32) + np.float32(0.5))
+    sub = np.int64(fs.view(np.uint32)) - 0x3F000000
+    norm = (a + (-112 << 23) + 0xFFF + ((a >> 13) & 1)) >> 13
+    r = sub if a < 0x38800000 else norm
+    r = (0x7E00 if a > 0x7F800000 else 0x7C00) if a >= 0x477FF000 else r  # NaN, or rounds to infinity
+    return sign | r
 
 
 @njit(inline="always")
