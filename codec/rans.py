@@ -75,7 +75,7 @@ class CodingTables:
         return self.freq.shape[1]
 
     @classmethod
-    def from_freqs(cls, freq: np.ndarray) -> "CodingTables":
+    def from_freqs(cls, freq: np.ndarray) -> CodingTables:
         """freq [N, A] summing to TOTAL per row (checked: tables may come from an untrusted payload)."""
         freq = np.ascontiguousarray(freq, dtype=np.uint32)
         if freq.ndim != 2 or freq.shape[1] == 0 or freq.shape[1] > 256:
