@@ -143,11 +143,14 @@ def _enc(x, p, row, scratch, e, inv):  # pragma: no cover - numba
 
 
 @njit(inline="always")
-def _enc_symbol(x16, x32, lut16, i, tb, step, m, packed, a):  # pragma: no cover - numba
-    """The packed entry of input element i's symbol under table tb."""
+def _enc_lane(x, p, active, x16, x32, lut16, i, tb, step, m, packed, a, row, scratch, inv):  # pragma: no cover
+    """One lane's step in the lockstep loop: quantize input element i (see `_load`) with table tb and
+    encode it (`_enc`) -> (x, p); nothing where the lane is not active (a stream narrower than the group)."""
+    if not active:
+        return x, p
     tb = np.uint64(tb)
     sy = _symbol(_load(x16, x32, lut16, np.uint64(i)), step[tb], m)
-    return np.int64(packed[tb * np.uint64(a) + np.uint64(sy)])
+    return _enc(x, p, row, scratch, np.int64(packed[tb * np.uint64(a) + np.uint64(sy)]), inv)
 
 
 @njit(inline="always")
@@ -174,18 +177,14 @@ def _encode_kernel(x16, x32, lut16, n_tok, n_chan, group, step, m, a, packed, in
         p0 = p1 = p2 = p3 = cap
         for t in range(n_tok - 1, -1, -1):
             for j in range(group - 1, -1, -1):
-                if j < w0:
-                    e = _enc_symbol(x16, x32, lut16, (lk0 * n_tok + t) * n_chan + c0 + j, lk0 * n_chan + c0 + j, step, m, packed, a)
-                    x0, p0 = _enc(x0, p0, s0 * cap, scratch, e, inv)
-                if j < w1:
-                    e = _enc_symbol(x16, x32, lut16, (lk1 * n_tok + t) * n_chan + c1 + j, lk1 * n_chan + c1 + j, step, m, packed, a)
-                    x1, p1 = _enc(x1, p1, s1 * cap, scratch, e, inv)
-                if j < w2:
-                    e = _enc_symbol(x16, x32, lut16, (lk2 * n_tok + t) * n_chan + c2 + j, lk2 * n_chan + c2 + j, step, m, packed, a)
-                    x2, p2 = _enc(x2, p2, s2 * cap, scratch, e, inv)
-                if j < w3:
-                    e = _enc_symbol(x16, x32, lut16, (lk3 * n_tok + t) * n_chan + c3 + j, lk3 * n_chan + c3 + j, step, m, packed, a)
-                    x3, p3 = _enc(x3, p3, s3 * cap, scratch, e, inv)
+                x0, p0 = _enc_lane(x0, p0, j < w0, x16, x32, lut16, (lk0 * n_tok + t) * n_chan + c0 + j,
+                                   lk0 * n_chan + c0 + j, step, m, packed, a, s0 * cap, scratch, inv)
+                x1, p1 = _enc_lane(x1, p1, j < w1, x16, x32, lut16, (lk1 * n_tok + t) * n_chan + c1 + j,
+                                   lk1 * n_chan + c1 + j, step, m, packed, a, s1 * cap, scratch, inv)
+                x2, p2 = _enc_lane(x2, p2, j < w2, x16, x32, lut16, (lk2 * n_tok + t) * n_chan + c2 + j,
+                                   lk2 * n_chan + c2 + j, step, m, packed, a, s2 * cap, scratch, inv)
+                x3, p3 = _enc_lane(x3, p3, j < w3, x16, x32, lut16, (lk3 * n_tok + t) * n_chan + c3 + j,
+                                   lk3 * n_chan + c3 + j, step, m, packed, a, s3 * cap, scratch, inv)
         starts[s0] = _enc_close(x0, p0, s0 * cap, scratch)
         starts[s1] = _enc_close(x1, p1, s1 * cap, scratch)
         starts[s2] = _enc_close(x2, p2, s2 * cap, scratch)
@@ -235,6 +234,16 @@ def _dec(x, pos, last, words, tp, tl, packed, lut):  # pragma: no cover - numba
     x = ((x << 16) | w) if need else x
     pos += np.int64(need)
     return i, x, pos
+
+
+@njit(inline="always")
+def _dec_write(x, pos, active, last, words, tp, tl, packed, lut, vals, out, o):  # pragma: no cover - numba
+    """One lane's step in the lockstep loop: decode a symbol (`_dec`) and write its value vals[...] to
+    out[o] -> (x, pos); nothing where the lane is not active (a stream narrower than the group)."""
+    if active:
+        i, x, pos = _dec(x, pos, last, words, tp, tl, packed, lut)
+        out[np.uint64(o)] = vals[i]
+    return x, pos
 
 
 @njit(inline="always")
@@ -288,18 +297,10 @@ def _decode_kernel(words, offsets, n_tok, n_chan, group, a, packed, lut, vals, o
             o = t * n_chan
             for j in range(group):
                 uj = np.uint64(j)
-                if j < w0:
-                    i, x0, p0 = _dec(x0, p0, last, words, tp0 + uj * ua, tl0 + uj * ub, packed, lut)
-                    out[np.uint64(o0 + o + j)] = vals[i]
-                if j < w1:
-                    i, x1, p1 = _dec(x1, p1, last, words, tp1 + uj * ua, tl1 + uj * ub, packed, lut)
-                    out[np.uint64(o1 + o + j)] = vals[i]
-                if j < w2:
-                    i, x2, p2 = _dec(x2, p2, last, words, tp2 + uj * ua, tl2 + uj * ub, packed, lut)
-                    out[np.uint64(o2 + o + j)] = vals[i]
-                if j < w3:
-                    i, x3, p3 = _dec(x3, p3, last, words, tp3 + uj * ua, tl3 + uj * ub, packed, lut)
-                    out[np.uint64(o3 + o + j)] = vals[i]
+                x0, p0 = _dec_write(x0, p0, j < w0, last, words, tp0 + uj * ua, tl0 + uj * ub, packed, lut, vals, out, o0 + o + j)
+                x1, p1 = _dec_write(x1, p1, j < w1, last, words, tp1 + uj * ua, tl1 + uj * ub, packed, lut, vals, out, o1 + o + j)
+                x2, p2 = _dec_write(x2, p2, j < w2, last, words, tp2 + uj * ua, tl2 + uj * ub, packed, lut, vals, out, o2 + o + j)
+                x3, p3 = _dec_write(x3, p3, j < w3, last, words, tp3 + uj * ua, tl3 + uj * ub, packed, lut, vals, out, o3 + o + j)
         status[s0] = _dec_status(x0, p0, e0)
         status[s1] = _dec_status(x1, p1, e1)
         status[s2] = _dec_status(x2, p2, e2)
