@@ -5,8 +5,11 @@ Primitives:
 - `CodingTables`: the decode-side tables built once per set of frequency tables (cumulative sums and a
   coarse slot -> symbol lookup);
 - `encode_streams` / `decode_streams`: many independent streams, encoded and decoded in parallel
-  (`numba.prange` over streams); the encoder quantizes as it codes (`encode` wraps it), the decoder runs
-  four streams in lockstep per iteration.
+  (`numba.prange` over groups of four streams, run in lockstep: four independent dependency chains per
+  core); the encoder quantizes as it codes (`encode` wraps it).
+The kernels are instruction-bound scalar code, written for few instructions per symbol: tables are
+indexed flat with unsigned indices (numba emits negative-index wraparound code for signed ones), and the
+renormalization, taken at random for about one symbol in five, is branch-free.
 
 The symbol grid is `sym[lk, t, c]` (uint8) with `lk` = layer * 2 + K/V, `t` the token and `c` the flattened
 channel `h * D + d`. Stream `s` covers one `lk` and the channel group `[g * G, g * G + G)` and visits its
