@@ -160,7 +160,7 @@ class CacheGenCodec(Codec):
         if sinks.size:
             parts.append(_sink_section(kv, sinks))
         counts, words = rans.encode(x, kind, n_tok, n_chan, GROUP, step, self.spec.m, tables)
-        parts += [counts.astype("<u4").tobytes(), words.astype("<u2").tobytes()]
+        parts += [counts.astype("<u4", copy=False).tobytes(), words.astype("<u2", copy=False).tobytes()]
         return b"".join(parts)
 
     # -- decode --
