@@ -31,6 +31,10 @@ from typing import Collection, Mapping, Sequence
 import numpy as np
 
 RECOMPUTE = "recompute"  # the action of a chunk rebuilt from its tokens
+# Plans within this much of the fastest count as ties, which go to fewer recomputed chunks, then to the
+# more faithful level: a difference the estimates cannot resolve is not worth quality.
+TIE_FRACTION = 0.02
+TIE_SECONDS = 1e-3
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +113,8 @@ def plan_load(available: Sequence[Collection[str]], allowed: Sequence[str], *, c
 
     `allowed`: the levels the quality floor allows, least faithful first. `recompute=False` fetches every
     chunk; `head=False` recomputes only a tail (a load under way, or an engine that computes after it
-    loads). Ties go to fewer recomputed chunks, then to the more faithful level.
+    loads). Plans within `TIE_FRACTION` (or `TIE_SECONDS`) of the fastest are ties: they go to fewer
+    recomputed chunks, then to the more faithful level.
     """
     n = len(available)
     if not allowed:
@@ -117,7 +122,7 @@ def plan_load(available: Sequence[Collection[str]], allowed: Sequence[str], *, c
     splits = [(0, 0)]
     if recompute and figures.prefill is not None:
         splits = [(r, 0) for r in range(n + 1)] if head else [(0, r) for r in range(n + 1)]
-    best: tuple[float, int, int, LoadPlan] | None = None
+    candidates: list[tuple[int, int, LoadPlan]] = []
     for rank, level in enumerate(allowed):
         for h, t in splits:
             levels = _levels_for(available[h:n - t], allowed, level)
@@ -125,12 +130,12 @@ def plan_load(available: Sequence[Collection[str]], allowed: Sequence[str], *, c
                 continue
             est = estimate_seconds(h, levels, t, chunk_tokens=chunk_tokens, kv_bytes=kv_bytes, figures=figures,
                                    cpu_start=cpu_start, link_start=link_start)
-            key = (round(est, 9), h + t, -rank)
-            if best is None or key < best[:3]:
-                best = (*key, LoadPlan(h, levels, t, est))
-    if best is None:  # some chunk has no allowed copy and nothing may be recomputed
+            candidates.append((h + t, -rank, LoadPlan(h, levels, t, est)))
+    if not candidates:  # some chunk has no allowed copy and nothing may be recomputed
         raise ValueError("a chunk has no allowed copy; the caller loads only chunks that have one")
-    return best[3]
+    fastest = min(c[2].estimate_s for c in candidates)
+    near = [c for c in candidates if c[2].estimate_s <= fastest * (1 + TIE_FRACTION) + TIE_SECONDS]
+    return min(near, key=lambda c: (c[0], c[1], c[2].estimate_s))[2]
 
 
 class Estimates:

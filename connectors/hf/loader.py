@@ -33,14 +33,23 @@ from typing import Collection
 import numpy as np
 import torch
 
-from connectors.hf.bridge import (Prefill, cache_layers, cache_to_kv, decode_greedy, kv_from_layers, kv_layout, kv_to_cache,
-                                  model_fingerprint, run_cached)
+from connectors.hf.bridge import (
+    Prefill,
+    cache_layers,
+    cache_to_kv,
+    decode_greedy,
+    kv_from_layers,
+    kv_layout,
+    kv_to_cache,
+    model_fingerprint,
+    run_cached,
+)
 from kvstore.adaptive import AdaptiveReport
 from kvstore.chunk import Chunk
-from kvstore.tiers.byte_tier import ByteTier
 from kvstore.errors import InvalidTokensError
 from kvstore.keys import DEFAULT_NAMESPACE, ChunkRef, as_token_array
 from kvstore.store import TieredStore
+from kvstore.tiers.byte_tier import ByteTier
 from kvstore.writer import BoundedWriter
 
 log = logging.getLogger(__name__)
