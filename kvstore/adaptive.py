@@ -11,6 +11,9 @@ Primitives:
     leading chunks have one;
   - `plan(available, ...)` -> a `planner.LoadPlan` from the current figures;
   - `stream(refs, available, plan, ...)` -> an `AdaptiveStream`.
+- `adaptive_candidates(store, refs)`: what an engine's connector asks first: the allowed levels stored for
+  each leading chunk that has one, or [] where the ordinary path is better (not configured, no copies,
+  or the store's first tier holds every one of those chunks decoded, in memory).
 - `AdaptiveStream`: a fetcher thread requests the planned copies one by one (record bytes over the
   tier's link, timed); iterating the stream decodes each in order on the caller's thread (timed) and
   yields `(index, Chunk | None)`, None for a copy that could not be had (missing, corrupt, wrong tokens:
@@ -30,7 +33,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -42,6 +45,9 @@ from kvstore.planner import RECOMPUTE, Estimates, LoadPlan, plan_load
 from kvstore.record import decode_record, encode_record
 from kvstore.tiers.base import Counters, Tier
 from kvstore.tiers.byte_tier import ByteTier
+
+if TYPE_CHECKING:
+    from kvstore.store import TieredStore
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +191,25 @@ class AdaptiveLoading:
         return {**self.counters.snapshot(), "chunks_by_level": by_level, "tier": self.tier.name,
                 "bandwidth_bytes_s": f.bandwidth or 0.0, "prefill_tokens_s": f.prefill or 0.0,
                 "decode_bytes_s": dict(f.decode), "size_ratio": dict(f.ratio)}
+
+
+def adaptive_candidates(store: "TieredStore", refs: Sequence[ChunkRef]) -> list[frozenset[str]]:
+    """The allowed levels stored for each leading chunk of `refs` that has one; [] for the ordinary path."""
+    adaptive = store.adaptive
+    if adaptive is None or not refs:
+        return []
+    available = adaptive.available(refs)
+    available = available[: adaptive.leading(available)]
+    first = store.tiers[0]
+    if not available or isinstance(first, ByteTier):
+        return available
+    head = refs[: len(available)]
+    try:
+        in_memory = all(first.contains([r.key for r in head], [r.tokens for r in head]))
+    except Exception as e:  # a failing tier is a miss
+        log.warning("tier %s failed on contains: %s", first.name, e)
+        in_memory = False
+    return [] if in_memory else available
 
 
 @dataclass(slots=True)

@@ -44,12 +44,11 @@ from connectors.hf.bridge import (
     model_fingerprint,
     run_cached,
 )
-from kvstore.adaptive import AdaptiveReport
+from kvstore.adaptive import AdaptiveReport, adaptive_candidates
 from kvstore.chunk import Chunk
 from kvstore.errors import InvalidTokensError
 from kvstore.keys import DEFAULT_NAMESPACE, ChunkRef, as_token_array
 from kvstore.store import TieredStore
-from kvstore.tiers.byte_tier import ByteTier
 from kvstore.writer import BoundedWriter
 
 log = logging.getLogger(__name__)
@@ -109,7 +108,7 @@ class HFConnector:
         # Leave at least one token to compute: the logits of the last position start the decoding.
         refs = self.store.chunk_refs(ids[: len(ids) - 1], fingerprint=self.fingerprint, namespace=self.namespace)
         prompt = torch.from_numpy(ids.astype(np.int64))  # [T]
-        available = self._adaptive_available(refs)
+        available = adaptive_candidates(self.store, refs)
         n_hit = 0 if available else (self.store.lookup_refs(refs) if refs else 0)
         t1 = time.perf_counter()
         report.lookup_s = t1 - t0
@@ -137,20 +136,6 @@ class HFConnector:
 
         report.stored_chunks = self._store_async(ids, cache, first_chunk=n_hit)
         return Prefill(prompt, cache, logits, report.ttft_s, report)
-
-    def _adaptive_available(self, refs: list[ChunkRef]) -> list[frozenset[str]]:
-        """The allowed levels stored for each leading chunk that has one; [] for the ordinary path (not
-        configured, no copies, or the first tier holds every one of those chunks decoded)."""
-        adaptive = self.store.adaptive
-        if adaptive is None or not refs:
-            return []
-        available = adaptive.available(refs)
-        available = available[: adaptive.leading(available)]
-        first = self.store.tiers[0]
-        if not available or (not isinstance(first, ByteTier) and all(self.store._contains(
-                first, [r.key for r in refs[: len(available)]], [r.tokens for r in refs[: len(available)]]))):
-            return []
-        return available
 
     def _load_adaptive(self, prompt: torch.Tensor, refs: list[ChunkRef], available: list[frozenset[str]],
                        report: LoadReport) -> tuple[torch.Tensor, int, int]:
