@@ -130,3 +130,24 @@ def test_adaptive_config_builds_on_a_byte_tier(tmp_path):
                                            "adaptive.tier": "cpu"}))
     with pytest.raises(ConfigError, match="byte tier"):
         build_store(load_config(overrides={"disk.enabled": "false", "adaptive.levels": "int8"}))
+
+
+def test_store_metrics_export_the_adaptive_counters(tmp_path, chunks):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from kvstore.service.metrics import StoreCollector
+
+    refs, cs = chunks
+    cfg = load_config(overrides={"disk.path": str(tmp_path), "memory.enabled": "false", "adaptive.levels": "raw"})
+    with build_store(cfg) as store:
+        store.adaptive.store_levels(cs[:2])
+        avail = store.adaptive.available(refs[:2])
+        plan = store.adaptive.plan(avail, chunk_tokens=SHAPE[2], kv_bytes=cs[0].nbytes)
+        stream = store.adaptive.stream(refs[:2], avail, plan, chunk_tokens=SHAPE[2], kv_bytes=cs[0].nbytes)
+        assert all(c is not None for _, c in stream)
+        stream.report()
+        registry = CollectorRegistry()
+        registry.register(StoreCollector(store))
+        text = generate_latest(registry).decode()
+    assert 'kvstore_adaptive_chunks_total{level="raw"} 2.0' in text
+    assert "kvstore_adaptive_copies_stored_total 2.0" in text and "kvstore_adaptive_bandwidth_bytes_per_second" in text
