@@ -11,7 +11,8 @@ rate, transfers sharing the link. TTFT = `HFConnector.prefill` from token ids to
 - recompute: a full prefill (no stored KV), the same at every bandwidth;
 - fixed <level>: every chunk fetched at that level (`[adaptive]` with that one level, recompute off);
 - adaptive: the planner over every level and recompute (floor: the least faithful level), with the
-  figures it measured itself; the link's rate changes from row to row, and the first load after each
+  figures measured by the loads so far (all loaders of the run share one `Estimates`, as the loads of one
+  store do); the adaptive loads run first in each round; the link's rate changes from row to row, and the first load after each
   change (column `adaptive 1st`, re-planning as it goes) is reported beside the median of the repeats;
 - adaptive lossless: the same with floor "lossless" (zstd or recompute), whose first token must equal
   the full prefill's.
@@ -79,8 +80,11 @@ def main() -> None:
         writer.prefill(ids)
     print(f"stored at {', '.join(LEVELS)} in {time.perf_counter() - t:.1f} s")
     lossless = loader(LEVELS, floor=LOSSLESS_FLOOR)
-    lossless.store.adaptive.estimates = adaptive.store.adaptive.estimates  # one tier, one model: one set of figures
     fixed = {level: loader((level,), recompute=False) for level in LEVELS}
+    # One tier, one model, one set of codecs: every loader feeds and reads the same measured figures, as the
+    # loads of one store do (the fixed loaders measure each level's decode speed along the way).
+    for conn in (lossless, *fixed.values()):
+        conn.store.adaptive.estimates = adaptive.store.adaptive.estimates
     recompute = HFConnector(model, TieredStore([MemoryTier(1 << 20)], chunk_tokens=CHUNK), fingerprint=fp,
                             store_new=False)
     for conn in (recompute, *fixed.values()):
@@ -112,6 +116,10 @@ def main() -> None:
         ratio_lossless = ms["adaptive-lossless"] / fixed_ms[best_lossless]
         worst, worst_lossless = max(worst, ratio), max(worst_lossless, ratio_lossless)
         plan = last["adaptive"].report.adaptive
+        same_choice = next(iter(plan.chunks_by_level)) if len(plan.chunks_by_level) == 1 else None
+        if same_choice in LEVELS:  # the same plan as a fixed level: the ratio between the two is noise
+            results.setdefault("noise_ratio_adaptive_to_its_own_choice", {})[f"{gb_s:g}"] = \
+                ms["adaptive"] / fixed_ms[same_choice]
         rows.append([gb_s, *(f"{fixed_ms[lv]:.0f}" for lv in LEVELS), f"{recompute_s * 1e3:.0f}", best,
                      f"{ms['adaptive']:.0f}", f"{first['adaptive'].report.ttft_s * 1e3:.0f}", f"{ratio:.2f}",
                      _plan_text(plan.chunks_by_level), first["adaptive"].report.adaptive.replans,
