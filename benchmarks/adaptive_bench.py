@@ -91,11 +91,11 @@ def main() -> None:
         conn.prefill(ids)  # warm-up: first decodes compile
     ref = recompute.prefill(ids)
     first_token = int(torch.argmax(ref.logits))
-    recompute_s = statistics.median(recompute.prefill(ids).report.ttft_s for _ in range(repeats))
+    recompute_s = statistics.median(recompute.prefill(ids).report.ttft_s for _ in range(min(repeats, 3)))
     print(f"recompute {recompute_s * 1e3:.0f} ms")
 
     results: dict = dict(info, tokens=len(ids), levels=list(LEVELS), recompute_ms=recompute_s * 1e3)
-    rows, worst, worst_lossless, lossless_same = [], 0.0, 0.0, True
+    rows, worst, worst_lossless, worst_min, lossless_same = [], 0.0, 0.0, 0.0, True
     for gb_s in QUICK_BANDWIDTHS_GB_S if args.quick else BANDWIDTHS_GB_S:
         link.rate = gb_s * 1e9
         runs = {"adaptive": adaptive, "adaptive-lossless": lossless, **{f"fixed {lv}": c for lv, c in fixed.items()}}
@@ -107,6 +107,7 @@ def main() -> None:
                 last[name] = conn.prefill(ids)
                 times[name].append(last[name].report.ttft_s)
         ms = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+        best_of = {name: min(ts) * 1e3 for name, ts in times.items()}  # noise on a shared machine only adds
         same = {name: int(torch.argmax(p.logits)) == first_token for name, p in last.items()}
         lossless_same &= same["adaptive-lossless"] and int(torch.argmax(first["adaptive-lossless"].logits)) == first_token
         fixed_ms = {**{lv: ms[f"fixed {lv}"] for lv in LEVELS}, "recompute": recompute_s * 1e3}
@@ -115,13 +116,16 @@ def main() -> None:
         ratio = ms["adaptive"] / fixed_ms[best]
         ratio_lossless = ms["adaptive-lossless"] / fixed_ms[best_lossless]
         worst, worst_lossless = max(worst, ratio), max(worst_lossless, ratio_lossless)
+        fixed_min = {**{lv: best_of[f"fixed {lv}"] for lv in LEVELS}, "recompute": recompute_s * 1e3}
+        ratio_min = best_of["adaptive"] / min(fixed_min.values())
+        worst_min = max(worst_min, ratio_min)
         plan = last["adaptive"].report.adaptive
         same_choice = next(iter(plan.chunks_by_level)) if len(plan.chunks_by_level) == 1 else None
         if same_choice in LEVELS:  # the same plan as a fixed level: the ratio between the two is noise
             results.setdefault("noise_ratio_adaptive_to_its_own_choice", {})[f"{gb_s:g}"] = \
                 ms["adaptive"] / fixed_ms[same_choice]
         rows.append([gb_s, *(f"{fixed_ms[lv]:.0f}" for lv in LEVELS), f"{recompute_s * 1e3:.0f}", best,
-                     f"{ms['adaptive']:.0f}", f"{first['adaptive'].report.ttft_s * 1e3:.0f}", f"{ratio:.2f}",
+                     f"{ms['adaptive']:.0f}", f"{first['adaptive'].report.ttft_s * 1e3:.0f}", f"{ratio:.2f}", f"{ratio_min:.2f}",
                      _plan_text(plan.chunks_by_level), first["adaptive"].report.adaptive.replans,
                      f"{ms['adaptive-lossless']:.0f}", f"{ratio_lossless:.2f}",
                      "yes" if same["adaptive-lossless"] else "NO", "yes" if same["adaptive"] else "no"])
@@ -129,16 +133,18 @@ def main() -> None:
         results[f"ttft_ms_{key}gb"] = {**{f"fixed_{lv}": fixed_ms[lv] for lv in LEVELS}, "recompute": recompute_s * 1e3,
                                        "adaptive": ms["adaptive"], "adaptive_first": first["adaptive"].report.ttft_s * 1e3,
                                        "adaptive_lossless": ms["adaptive-lossless"], "best_fixed": best,
-                                       "adaptive_plan": plan.chunks_by_level}
+                                       "adaptive_plan": plan.chunks_by_level,
+                                       "min_of_repeats": {"adaptive": best_of["adaptive"], **fixed_min}}
         print(f"  {gb_s} GB/s done: adaptive {ms['adaptive']:.0f} ms vs best fixed ({best}) {fixed_ms[best]:.0f} ms")
     print()
-    print_table(["GB/s", *LEVELS, "recompute", "best fixed", "adaptive", "adaptive 1st", "vs best", "adaptive plan",
+    print_table(["GB/s", *LEVELS, "recompute", "best fixed", "adaptive", "adaptive 1st", "vs best", "vs best (min)", "adaptive plan",
                  "replans 1st", "lossless floor", "vs best", "1st token same (lossless)", "1st token same"], rows)
     results.update(adaptive_worst_ratio_to_best_fixed=worst, adaptive_lossless_worst_ratio_to_best_fixed=worst_lossless,
+                   adaptive_worst_ratio_to_best_fixed_min_of_repeats=worst_min,
                    lossless_first_token_identical=int(lossless_same), load_average=_loadavg(),
                    link="benchmarks.paced.PacedTier over a disk tier (page cache warm): token-bucket paced reads")
-    print(f"adaptive / best fixed, worst over bandwidths: {worst:.3f} (lossless floor: {worst_lossless:.3f}); "
-          f"load average {_loadavg()}")
+    print(f"adaptive / best fixed, worst over bandwidths: {worst:.3f} (min of repeats: {worst_min:.3f}; lossless "
+          f"floor: {worst_lossless:.3f}); load average {_loadavg()}")
     shutil.rmtree(root, ignore_errors=True)
     write_json(args.json, results)
 
