@@ -18,6 +18,8 @@ File format:
     [sidecar]                   # optional remote tier: another `kvstore serve` over HTTP, after [redis]
     url = "http://10.0.0.5:8420"
     token = "..."
+    [adaptive]                  # optional: store chunks at several codec levels, load adaptively
+    levels = ["cachegen:1", "cachegen:2", "zstd"]   # (kvstore.levels; docs/STORE.md)
     [server]                    # `kvstore serve` (see docs/SERVICE.md)
     port = 8420
     tokens_file = "/etc/kvstore/tokens.toml"
@@ -47,6 +49,7 @@ import platformdirs
 
 from kvstore.errors import ConfigError
 from kvstore.keys import DEFAULT_NAMESPACE, validate_namespace
+from kvstore.levels import AdaptiveConfig, parse_levels
 
 if TYPE_CHECKING:
     from codec import Codec
@@ -281,6 +284,7 @@ class StoreConfig:
     redis: RedisConfig | None = None
     sidecar: SidecarConfig | None = None
     server: ServerConfig = field(default_factory=ServerConfig)  # used by `kvstore serve` only
+    adaptive: AdaptiveConfig | None = None  # copies at several codec levels, loaded adaptively (off: None)
 
     def __post_init__(self) -> None:
         if not 1 <= self.chunk_tokens <= 1 << 16:
@@ -294,7 +298,8 @@ class StoreConfig:
         return [(name, getattr(self, name)) for name in TIER_KINDS if getattr(self, name) is not None]
 
 
-_SECTIONS = {**{name: kind.config for name, kind in TIER_KINDS.items()}, "server": ServerConfig}
+_SECTIONS = {**{name: kind.config for name, kind in TIER_KINDS.items()}, "server": ServerConfig,
+             "adaptive": AdaptiveConfig}
 _SIZE_FIELDS = {"capacity", "max_pending_bytes", "max_body_bytes", "max_kv_bytes", "max_json_bytes"}
 _PATH_FIELDS = {"path", "tokens_file"}
 
@@ -318,6 +323,8 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         if name == "tokens_file" and value in (None, ""):
             return None
         return Path(str(value)).expanduser()
+    if name == "levels":
+        return parse_levels(value)
     if name == "codec_level":
         if value in (None, "", "none"):
             return None
@@ -424,12 +431,16 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
 def build_store(config: StoreConfig, *, records: bool = False) -> "TieredStore":
     """The `TieredStore` a config describes: one tier per configured section, in `TIER_KINDS` order.
     `records`: the store of a record server (`kvstore serve`): memory holds records, not decoded KV."""
+    from kvstore.adaptive import AdaptiveLoading
     from kvstore.store import TieredStore
 
+    tiers = [section.build(name, records) for name, section in config.tier_sections()]
+    adaptive = AdaptiveLoading.for_tiers(config.adaptive, tiers) if config.adaptive and not records else None
     return TieredStore(
-        [section.build(name, records) for name, section in config.tier_sections()],
+        tiers,
         chunk_tokens=config.chunk_tokens,
         write_through=config.write_through,
         promote_on_hit=config.promote_on_hit,
         max_pending_bytes=config.max_pending_bytes,
+        adaptive=adaptive,
     )

@@ -5,6 +5,8 @@ Primitives:
 - `ChunkKey(namespace, fingerprint, chunk_hash)`: what every tier is indexed by; `fingerprint` names the
   model (architecture, dtype, weights) whose KV it is.
 - `chunk_refs(tokens, ...)`: a token sequence -> the `ChunkRef` (key, token ids, start) of each chunk.
+- `level_key(key, level)`: the key of a chunk's copy stored at one codec level (adaptive loading); the
+  copy is found from the chunk's content key and the level's name alone.
 
 Invariants:
 - Deterministic across processes and machines: token ids are hashed as fixed-width little-endian
@@ -110,6 +112,19 @@ class ChunkKey(_KeyFields):
 
     def __repr__(self) -> str:
         return f"ChunkKey({self.namespace!r}, {self.fingerprint!r}, {self.chunk_hash.hex()})"
+
+
+_LEVEL_DOMAIN = b"L"  # beside ChunkKind's b"P" and b"S": a level copy's hash never equals a chunk's
+
+
+def level_key(key: ChunkKey, level: str) -> ChunkKey:
+    """The key of `key`'s copy encoded at codec level `level` (e.g. "cachegen:2"): same namespace and
+    fingerprint, hash = XXH3-128(b"L" | level length u8 | level | chunk hash). The level enters the key,
+    not the record, so each copy is a record of its own in any byte tier (stored, evicted and fetched
+    alone) and the plain key keeps meaning the tier's own copy."""
+    name = level.encode()
+    return ChunkKey._trusted(key.namespace, key.fingerprint,
+                             ChunkHash(xxhash.xxh3_128_digest(_LEVEL_DOMAIN + len(name).to_bytes(1, "little") + name + key.chunk_hash)))
 
 
 class ChunkRef(NamedTuple):

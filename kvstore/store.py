@@ -17,6 +17,8 @@ Primitives:
 - Eviction from the first tier (which the store watches: `watch_evictions`) demotes (writes back) the
   victim to the next tier when that tier does not already hold it.
 - Pins protect entries in flight; counters per tier and for the store.
+- `adaptive` (None unless configured): copies of chunks at several codec levels in one byte tier and the
+  measured figures that choose between them at load time (`kvstore.adaptive`); engines' connectors use it.
 
 Degrade, don't fail: a tier that raises on a get is a miss for that call, a failed async write is
 counted and logged; the caller (an engine) recomputes. Only bad input raises.
@@ -28,7 +30,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +42,9 @@ from kvstore.keys import DEFAULT_NAMESPACE, ChunkKey, ChunkKind, ChunkRef, chunk
 from kvstore.tiers.base import Counters, Durability, Tier
 from kvstore.tiers.byte_tier import Buffer, ByteTier, Check, RecordBytes, RecordParts
 from kvstore.writer import BoundedWriter
+
+if TYPE_CHECKING:
+    from kvstore.adaptive import AdaptiveLoading
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +73,7 @@ class TieredStore:
         write_through: bool = True,
         promote_on_hit: bool = True,
         max_pending_bytes: int = 1 << 30,
+        adaptive: "AdaptiveLoading | None" = None,
     ) -> None:
         if not tiers:
             raise ValueError("a store needs at least one tier")
@@ -77,6 +83,7 @@ class TieredStore:
         self.promote_on_hit = promote_on_hit
         self.max_pending_bytes = max_pending_bytes
         self.counters = StoreCounters()
+        self.adaptive = adaptive
         # One writer per slower tier, one job at a time each, in order.
         self._writers = [BoundedWriter(f"kvstore-{t.name}", max_pending_bytes=max_pending_bytes) for t in self.tiers[1:]]
         # Chunks evicted from the first tier whose write-back has not landed yet: still served from here,
@@ -406,6 +413,7 @@ class TieredStore:
             "tiers": {t.name: {"usage": t.usage(), "stats": t.stats.snapshot()} for t in self.tiers},
             # per model fingerprint: chunks encoded without its codebook (process-wide: codecs are shared)
             "chunks_without_codebook": missing_codebooks.snapshot(),
+            **({"adaptive": self.adaptive.stats()} if self.adaptive is not None else {}),
         }
 
     def close(self) -> None:

@@ -8,6 +8,12 @@ For a prompt, `HFConnector.prefill`:
    raises) ends the reused prefix there: the rest is recomputed, never an error;
 3. prefills the remaining tokens against that cache;
 4. hands the prompt's new full chunks to a `BoundedWriter` (off the time-to-first-token path).
+With `[adaptive]` configured (`store.adaptive`) and level copies stored for the prompt's leading chunks,
+steps 1-2 become an adaptive load (`kvstore.adaptive`): the planner picks per chunk the level to fetch,
+or to recompute it (leading chunks, prefilled while the others are in transit), from the measured
+bandwidth, decode and prefill speeds, and re-plans as chunks arrive; `LoadReport.adaptive` holds its
+decisions. Chunks the first tier (decoded KV in memory) holds take the ordinary path. New chunks are
+then also stored at every configured level, and every prefill of at least a chunk is measured.
 `generate` decodes greedily from there and also stores the chunks the generated tokens complete, so a
 chat's next turn reuses its previous turns. Every call returns a `LoadReport`: tokens reused and from
 which tier, tokens computed, and the time of each step.
@@ -27,7 +33,18 @@ from typing import Collection
 import numpy as np
 import torch
 
-from connectors.hf.bridge import Prefill, cache_layers, decode_greedy, kv_from_layers, kv_to_cache, model_fingerprint, run_cached
+from connectors.hf.bridge import (
+    Prefill,
+    cache_layers,
+    cache_to_kv,
+    decode_greedy,
+    kv_from_layers,
+    kv_layout,
+    kv_to_cache,
+    model_fingerprint,
+    run_cached,
+)
+from kvstore.adaptive import AdaptiveReport, adaptive_candidates
 from kvstore.chunk import Chunk
 from kvstore.errors import InvalidTokensError
 from kvstore.keys import DEFAULT_NAMESPACE, ChunkRef, as_token_array
@@ -51,6 +68,7 @@ class LoadReport:
     ttft_s: float = 0.0
     stored_chunks: int = 0  # new chunks handed to the store's writer by this request
     fallback: str | None = None  # why stored KV that the lookup found was not all used
+    adaptive: AdaptiveReport | None = None  # an adaptive load's decisions (None: the ordinary path)
 
 
 @dataclass(slots=True)
@@ -89,31 +107,66 @@ class HFConnector:
         t0 = time.perf_counter()
         # Leave at least one token to compute: the logits of the last position start the decoding.
         refs = self.store.chunk_refs(ids[: len(ids) - 1], fingerprint=self.fingerprint, namespace=self.namespace)
-        n_hit = self.store.lookup_refs(refs) if refs else 0
+        prompt = torch.from_numpy(ids.astype(np.int64))  # [T]
+        available = adaptive_candidates(self.store, refs)
+        n_hit = 0 if available else (self.store.lookup_refs(refs) if refs else 0)
         t1 = time.perf_counter()
         report.lookup_s = t1 - t0
 
         kv = None
-        if n_hit:
-            kv, n_loaded, report.tokens_by_tier, report.fallback = self._load(refs[:n_hit])
-            n_hit = n_loaded
+        if available:
+            kv, n_hit, reused = self._load_adaptive(prompt, refs, available, report)
+        elif n_hit:
+            kv, n_hit, report.tokens_by_tier, report.fallback = self._load(refs[:n_hit])
         t2 = time.perf_counter()
         report.load_s = t2 - t1
 
-        reused = n_hit * self.chunk_tokens
+        done = n_hit * self.chunk_tokens  # positions whose KV is in `kv`, loaded or recomputed
         cache = kv_to_cache(kv, self.model) if kv is not None else None
-        prompt = torch.from_numpy(ids.astype(np.int64))  # [T]
-        rest = prompt[reused:].reshape(1, -1).to(self.model.device)
+        rest = prompt[done:].reshape(1, -1).to(self.model.device)
         out, cache = run_cached(self.model, rest, cache, logits_to_keep=1)  # only the last position's logits
         logits = out.logits[0, -1]
         t3 = time.perf_counter()
         report.prefill_s = t3 - t2
         report.ttft_s = t3 - t0
-        report.reused_tokens = reused
-        report.computed_tokens = len(ids) - reused
+        report.reused_tokens = reused if available else done
+        report.computed_tokens = len(ids) - report.reused_tokens
+        if self.store.adaptive is not None and rest.shape[1] >= self.chunk_tokens:
+            self.store.adaptive.observe_prefill(rest.shape[1], report.prefill_s)
 
         report.stored_chunks = self._store_async(ids, cache, first_chunk=n_hit)
         return Prefill(prompt, cache, logits, report.ttft_s, report)
+
+    def _load_adaptive(self, prompt: torch.Tensor, refs: list[ChunkRef], available: list[frozenset[str]],
+                       report: LoadReport) -> tuple[torch.Tensor, int, int]:
+        """An adaptive load of the chunks `available` covers: (their KV [L, 2, n*C, H, D], n, reused
+        tokens), n counting the recomputed leading chunks and the fetched ones; the rest is recomputed by
+        the caller with the prompt."""
+        adaptive, c = self.store.adaptive, self.chunk_tokens
+        kv_bytes = kv_layout(self.model).nbytes(c)
+        plan = adaptive.plan(available, chunk_tokens=c, kv_bytes=kv_bytes)
+        stream = adaptive.stream(refs, available, plan, chunk_tokens=c, kv_bytes=kv_bytes)
+        pieces, fetched = [], 0
+        try:
+            if plan.head:  # prefilled from the tokens while the fetcher's first transfers are in flight
+                t = time.perf_counter()
+                _, cache = run_cached(self.model, prompt[: plan.head * c].reshape(1, -1).to(self.model.device),
+                                      None, logits_to_keep=1)
+                adaptive.observe_prefill(plan.head * c, time.perf_counter() - t)
+                pieces.append(cache_to_kv(cache))  # [L, 2, head*C, H, D]
+            for i, chunk in stream:
+                if chunk is None or chunk.kv.dtype != self.model.dtype:
+                    report.fallback = f"chunk {i} could not be loaded at its level; recomputed from token {i * c}"
+                    break
+                pieces.append(chunk.kv.to(self.model.device, non_blocking=True))
+                fetched += 1
+        finally:
+            report.adaptive = stream.report()
+        n = plan.head + fetched
+        if fetched:
+            report.tokens_by_tier = {adaptive.tier.name: fetched * c}
+        kv = torch.cat(pieces, dim=2) if pieces else None  # [L, 2, n*C, H, D]
+        return kv, n, fetched * c
 
     def _load(self, refs: list[ChunkRef]) -> tuple[torch.Tensor | None, int, dict[str, int], str | None]:
         """Leading chunks of `refs` as one KV tensor [L, 2, n*C, H, D]; stops at the first failure."""
@@ -185,6 +238,8 @@ class HFConnector:
             refs = self.store.chunk_refs(ids, fingerprint=self.fingerprint, namespace=self.namespace)[first_chunk:]
             chunks = [Chunk.from_ref(r, kv_from_layers(layers, start=r.start, end=r.end).to("cpu")) for r in refs]
             self.store.put(chunks)
+            if self.store.adaptive is not None:
+                self.store.adaptive.store_levels(chunks)
         except Exception as e:  # storing is best effort: the answer is already out
             self.store_failures += 1
             log.warning("storing %d new chunks failed: %s", len(ids) // self.chunk_tokens - first_chunk, e)

@@ -81,7 +81,7 @@ def run_precompute_command(config: StoreConfig, args, sets: dict[str, str]) -> i
         kind=ChunkKind[PRECOMPUTE_MODES[args.mode]], namespace=config.namespace, chunk_tokens=config.chunk_tokens,
         passage_tokens=args.passage_tokens, add_special_tokens=args.add_special_tokens, max_tokens=args.max_tokens,
         batch_size=args.batch_size or (8 if device.startswith("cuda") else 1), upload_workers=args.workers,
-        dry_run=args.dry_run)
+        dry_run=args.dry_run, levels=config.adaptive.levels if config.adaptive is not None else ())
     corpus_path = Path(args.corpus)
     manifest = Path(args.manifest) if args.manifest else corpus_path.with_name(corpus_path.name + ".manifest.jsonl")
     entries = read_corpus(corpus_path, id_field=args.id_field, text_field=args.text_field)  # checks the path

@@ -11,7 +11,9 @@ Pipeline (control in the calling thread, bytes in the upload workers):
    upload; when the workers fall behind the compute waits, so memory stays flat;
 4. a worker puts the chunks straight into the target tier (no write-behind queue that could drop
    them), checks with `contains` that every chunk of the unit is there, retrying with backoff, and only
-   then appends the unit's manifest record (fsynced).
+   then appends the unit's manifest record (fsynced). With `levels` (the store's `[adaptive] levels`), each
+chunk is also stored at every one of those codec levels under its level key (`kvstore.levels`), and a
+chunk counts as present, and as uploaded, only once the target holds every copy.
 
 Guarantees: a unit whose chunks are all in the target is never computed again (keys are content
 hashes); a unit is in the manifest only once its chunks were verified in the target; a kill at any
@@ -35,8 +37,11 @@ from connectors.precompute.compute import Unit, Work, compute_missing, plan_batc
 from connectors.precompute.corpus import BadEntry, CorpusItem, Document
 from connectors.precompute.errors import PrecomputeError
 from connectors.precompute.manifest import ManifestChunk, ManifestHeader, ManifestRecord, ManifestWriter
+from kvstore.adaptive import AdaptiveLoading
 from kvstore.chunk import Chunk
-from kvstore.keys import DEFAULT_NAMESPACE, TOKEN_DTYPE, ChunkKind, validate_namespace
+from kvstore.keys import DEFAULT_NAMESPACE, TOKEN_DTYPE, ChunkKey, ChunkKind, level_key, validate_namespace
+from kvstore.levels import AdaptiveConfig
+from kvstore.tiers.byte_tier import ByteTier
 from kvstore.tiers.base import Tier
 from kvstore.writer import BoundedWriter
 
@@ -59,9 +64,12 @@ class PrecomputeOptions:
     upload_attempts: int = 5
     retry_backoff_s: float = 0.2  # first wait between attempts, doubling
     dry_run: bool = False
+    levels: tuple[str, ...] = ()  # codec levels each chunk is also stored at (adaptive loading)
 
     def __post_init__(self) -> None:
         validate_namespace(self.namespace)
+        if self.levels:
+            AdaptiveConfig(levels=tuple(self.levels))  # names the registry knows, each once: ConfigError
         if not isinstance(self.kind, ChunkKind):
             raise PrecomputeError(f"kind must be a ChunkKind, got {self.kind!r}")
         if not 1 <= self.chunk_tokens <= 1 << 16:
@@ -159,6 +167,11 @@ class PrecomputeJob:
         self._stop = threading.Event()
         self._lock = threading.Lock()  # guards summary counters touched by upload workers
         self._manifest: ManifestWriter | None = None
+        self._copies = None
+        if options.levels:
+            if not isinstance(target, ByteTier):
+                raise PrecomputeError(f"levels need a byte tier as the target, not {type(target).__name__}")
+            self._copies = AdaptiveLoading(AdaptiveConfig(levels=tuple(options.levels)), target)
 
     @property
     def header(self) -> ManifestHeader:
@@ -229,7 +242,7 @@ class PrecomputeJob:
         keys = [k for u in units for k in u.keys]
         if keys:
             self._wait_available()  # a remote tier that is down would answer "nothing stored"
-        present = self.target.contains(keys) if keys else []
+        present = self._present(keys) if keys else []
         work: list[Work] = []
         pos = 0
         for u in units:
@@ -305,8 +318,10 @@ class PrecomputeJob:
             self._wait_available()
             try:
                 self.target.put(todo)
+                if self._copies is not None:
+                    self._copies.store_levels(todo)
                 # Verified, not trusted: a remote tier drops puts while it counts as down.
-                there = self.target.contains(unit_keys)
+                there = self._present(unit_keys)
             except Exception as e:
                 log.warning("upload of %s: attempt %d failed: %s", item.unit.id, attempt + 1, e)
                 continue
@@ -323,6 +338,14 @@ class PrecomputeJob:
                 self._unit_failed(item.unit, "chunks that were in the target when planned are gone (evicted?)")
                 return
         self._unit_failed(item.unit, f"{len(todo)} chunk(s) not in the target after {o.upload_attempts} attempts")
+
+    def _present(self, keys: list[ChunkKey]) -> list[bool]:
+        """Per key, whether the target holds the chunk and every one of its level copies."""
+        present = self.target.contains(keys)
+        for level in self.options.levels:
+            copies = self.target.contains([level_key(k, level) for k in keys])
+            present = [p and c for p, c in zip(present, copies)]
+        return present
 
     def _wait_available(self) -> None:
         """A remote tier that counts as down answers at once with nothing: wait out its pause instead."""

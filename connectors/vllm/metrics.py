@@ -8,7 +8,9 @@
   `save_seconds` (the copy out of vLLM's blocks, on the forward path), `store_seconds` (the store's put,
   off it), `saves_dropped` (chunks), and per store tier `tier_hits{tier}`, `tier_misses{tier}`,
   `tier_errors{tier}`, `tier_corrupt{tier}`, `tier_bytes_read{tier}`, `tier_bytes_written{tier}`,
-  `tier_get_seconds{tier}`, `tier_put_seconds{tier}` (deltas of the store's own counters).
+  `tier_get_seconds{tier}`, `tier_put_seconds{tier}` (deltas of the store's own counters);
+  adaptive loading: `adaptive_chunks{tier}` (the label holds the codec level each chunk was fetched at),
+  `adaptive_recomputed_chunks`, `adaptive_replans`.
 - `KVStoreStats`: vLLM's `KVConnectorStats` for these counters. The workers and the scheduler report
   theirs every step (`get_kv_connector_stats`); vLLM sums them and hands them to its stat loggers.
 - `KVStorePromMetrics`: registers them with vLLM's Prometheus metrics as counters
@@ -29,7 +31,8 @@ from prometheus_client.core import CounterMetricFamily
 
 NAMES = ("lookups", "lookup_tokens", "hit_tokens", "lookup_seconds", "loaded_tokens", "load_seconds", "load_failures",
          "saved_tokens", "save_seconds", "store_seconds", "saves_dropped", "tier_hits", "tier_misses", "tier_errors",
-         "tier_corrupt", "tier_bytes_read", "tier_bytes_written", "tier_get_seconds", "tier_put_seconds")
+         "tier_corrupt", "tier_bytes_read", "tier_bytes_written", "tier_get_seconds", "tier_put_seconds",
+         "adaptive_chunks", "adaptive_recomputed_chunks", "adaptive_replans")
 _HELP = {
     "lookups": "Requests looked up in the store by vLLM's scheduler.",
     "lookup_tokens": "Prompt tokens looked up.",
@@ -50,6 +53,9 @@ _HELP = {
     "tier_bytes_written": "Bytes written to a store tier.",
     "tier_get_seconds": "Seconds in a store tier's gets.",
     "tier_put_seconds": "Seconds in a store tier's puts.",
+    "adaptive_chunks": "Chunks an adaptive load fetched, by codec level (in the tier label).",
+    "adaptive_recomputed_chunks": "Chunks an adaptive load chose to recompute rather than fetch.",
+    "adaptive_replans": "Adaptive load plans made again after the measured bandwidth changed.",
 }
 _TIER_FIELDS = {"hits": "tier_hits", "misses": "tier_misses", "errors": "tier_errors", "corrupt": "tier_corrupt",
                 "bytes_read": "tier_bytes_read", "bytes_written": "tier_bytes_written",

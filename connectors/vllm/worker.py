@@ -12,6 +12,14 @@
   that did not hold the right KV. With tensor parallelism the ranks first agree on whether any of them
   failed (`any_failed`, one all-reduce, in steps with both loads and saves only). When the writer is
   behind by `max_pending_bytes`, further saves are dropped and counted: a future miss, never a stall.
+- Adaptive loading (`[adaptive]` configured, level copies stored: `kvstore.adaptive`): a request's
+  leading chunks that have level copies are loaded by the planner's stream, each at the level it picks
+  from the measured bandwidth and decode speeds (re-planning as chunks arrive), scattered into the blocks
+  as they are decoded; chunks after them take the ordinary path. A chunk the planner chooses to recompute
+  (only once a prefill speed is measured; this worker does not measure one) is reported through
+  `take_invalid_blocks` like a failed one and counted as `adaptive_recomputed_chunks`, not as a failure.
+  Saves also store each chunk at every configured level. Decisions: `adaptive_chunks{level}`,
+  `adaptive_replans` (metrics).
 - Decode steps plan nothing, so both calls return at once.
 """
 
@@ -28,7 +36,9 @@ import torch
 from connectors.vllm.layout import PagedKV
 from connectors.vllm.metrics import Counters
 from connectors.vllm.plan import StepPlan, rekey
+from kvstore.adaptive import FAILED, adaptive_candidates
 from kvstore.chunk import Chunk
+from kvstore.planner import RECOMPUTE
 from kvstore.store import TieredStore
 
 log = logging.getLogger(__name__)
@@ -69,11 +79,16 @@ class WorkerSide:
             return
         t0 = time.perf_counter()
         for job in plan.loads:
-            failed_at = self._load_request(job.chunks)
+            # Leading chunks with level copies: adaptively (which counts its own recomputes and failures).
+            failed_at, done = self._load_adaptive(job.chunks) if self.store.adaptive is not None else (None, 0)
+            if failed_at is None and done < len(job.chunks):
+                rest = self._load_request(job.chunks[done:])
+                if rest is not None:
+                    failed_at = done + rest
+                    self.counters.add("load_failures", len(job.chunks) - failed_at)
             if failed_at is not None:
                 self._failed_now.add(job.req_id)
                 self._invalid.update(b for m in job.chunks[failed_at:] for b in m.block_ids if b >= 0)
-                self.counters.add("load_failures", len(job.chunks) - failed_at)
         self.counters.add("load_seconds", time.perf_counter() - t0)
         self._tier_counters()
 
@@ -101,6 +116,46 @@ class WorkerSide:
                 written = sum(1 for b in move.block_ids if b >= 0) * (len(move.ref.tokens) // len(move.block_ids))
                 self.counters.add("loaded_tokens", written, sources[j] or "")
         return None
+
+    def _load_adaptive(self, moves) -> tuple[int | None, int]:
+        """Load the leading `moves` that have level copies, as the planner says: (the index of the first
+        chunk to recompute, or None; how many leading moves this handled)."""
+        adaptive = self.store.adaptive
+        refs = [rekey(m.ref, self.fingerprint) for m in moves]
+        available = adaptive_candidates(self.store, refs)
+        if not available:
+            return None, 0
+        n = len(available)
+        # vLLM computes after the loads: only a tail can be recomputed (through its invalid blocks).
+        plan = adaptive.plan(available, chunk_tokens=self.chunk_shape[2], kv_bytes=self.chunk_bytes, head=False)
+        stream = adaptive.stream(refs, available, plan, chunk_tokens=self.chunk_shape[2], kv_bytes=self.chunk_bytes)
+        stop = None
+        try:
+            for i, chunk in stream:
+                if chunk is None or tuple(chunk.kv.shape) != self.chunk_shape or chunk.kv.dtype != self.dtype:
+                    stop = i
+                    break
+                try:
+                    self.pages.scatter(chunk.kv.to(self.device), self._kernel_blocks(moves[i].block_ids))
+                except Exception as e:
+                    log.warning("kvstore: copying a loaded chunk into vLLM's blocks failed: %s", e)
+                    stop = i
+                    break
+                written = sum(1 for b in moves[i].block_ids if b >= 0) * (len(moves[i].ref.tokens) // len(moves[i].block_ids))
+                self.counters.add("loaded_tokens", written, adaptive.tier.name)
+        finally:
+            report = stream.report()
+        for level, count in report.chunks_by_level.items():
+            if level not in (RECOMPUTE, FAILED):
+                self.counters.add("adaptive_chunks", count, level)
+        self.counters.add("adaptive_replans", report.replans)
+        if stop is not None:  # a copy that could not be had or used: a failure, recomputed from there
+            self.counters.add("load_failures", len(moves) - stop)
+            return stop, n
+        if stream.fetch_end < n:  # the planner chose to recompute a tail
+            self.counters.add("adaptive_recomputed_chunks", len(moves) - stream.fetch_end)
+            return stream.fetch_end, n
+        return None, n
 
     def _load_buffers(self, n: int) -> list[torch.Tensor]:
         if self._load_buf is None:
@@ -168,6 +223,8 @@ class WorkerSide:
             if done is not None:
                 done.synchronize()
             self.store.put(chunks)
+            if self.store.adaptive is not None:  # before the buffers go back to the free list
+                self.store.adaptive.store_levels(chunks)
             self.counters.add("saved_tokens", sum(len(c.tokens) for c in chunks))
         except Exception as e:  # a failed save is a future miss, never an engine error
             log.warning("kvstore: saving %d chunks failed: %s", len(chunks), e)

@@ -1,5 +1,9 @@
 """What the sidecar exports on `/metrics` (Prometheus text): request counts and latencies per endpoint,
-and the store's counters and usage, read at scrape time."""
+and the store's counters and usage, read at scrape time; with `[adaptive]`, its counters
+(`kvstore_adaptive_<name>`, `kvstore_adaptive_chunks{level}`) and measured figures (gauges
+`kvstore_adaptive_bandwidth_bytes_per_second`, `kvstore_adaptive_prefill_tokens_per_second`). A
+`StoreCollector` registered in any prometheus_client registry exports the same for an embedding process
+(the HF connector's store)."""
 
 from __future__ import annotations
 
@@ -43,6 +47,23 @@ class StoreCollector:
         for fingerprint, n in s["chunks_without_codebook"].items():
             fam.add_metric([fingerprint], n)
         yield fam
+        if "adaptive" in s:
+            yield from _adaptive_metrics(s["adaptive"])
+
+
+def _adaptive_metrics(a: dict):
+    for name in ("loads", "fetched_chunks", "recomputed_chunks", "replans", "fetch_failures", "copies_stored",
+                 "copies_failed"):
+        yield CounterMetricFamily(f"kvstore_adaptive_{name}", f"Adaptive loading: {name.replace('_', ' ')}.",
+                                  value=a[name])
+    fam = CounterMetricFamily("kvstore_adaptive_chunks", "Chunks adaptive loads fetched, by codec level.", labels=["level"])
+    for level, n in a["chunks_by_level"].items():
+        fam.add_metric([level], n)
+    yield fam
+    yield GaugeMetricFamily("kvstore_adaptive_bandwidth_bytes_per_second", "Measured bandwidth of the adaptive tier.",
+                            value=a["bandwidth_bytes_s"])
+    yield GaugeMetricFamily("kvstore_adaptive_prefill_tokens_per_second", "Measured prefill speed (0: not yet).",
+                            value=a["prefill_tokens_s"])
 
 
 class Metrics:

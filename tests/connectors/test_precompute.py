@@ -376,3 +376,31 @@ def test_sidecar_target_with_a_token(tmp_path, shipped, fingerprint):
     finally:
         svc.stop()
         store.close()
+
+
+def test_levels_store_every_chunk_at_each_level_and_a_lost_copy_is_redone(tmp_path, shipped, fingerprint):
+    from kvstore.errors import ConfigError
+    from kvstore.keys import level_key
+    from kvstore.record import decode_record
+
+    docs = gen_docs(3, seed=9, lo=120, hi=200)
+    corpus = tmp_path / "c.jsonl"
+    write_corpus(corpus, docs)
+    m = tmp_path / "m.jsonl"
+    target = disk(tmp_path)
+    _, s = run_job(shipped, target, corpus, m, levels=("int8", "raw"))
+    assert s.ok
+    keys = [k for r in read_manifest(m).records.values() for k in r.keys()]
+    assert len(keys) == s.chunks_uploaded > 3
+    for level in ("int8", "raw"):
+        assert all(target.contains([level_key(k, level) for k in keys]))
+    base = target.get(keys[:1])[0]
+    with target.get_bytes([level_key(keys[0], "raw")])[0] as rec:
+        copy = decode_record(rec.read(), key=level_key(keys[0], "raw"))
+    assert torch.equal(copy.kv, base.kv) and np.array_equal(copy.tokens, base.tokens)
+    # A lost copy makes its chunk (and, prefix mode, what follows it in its document) count as missing.
+    assert target.delete([level_key(keys[-1], "int8")]) == 1
+    _, s2 = run_job(shipped, target, corpus, m, levels=("int8", "raw"))
+    assert s2.ok and s2.chunks_computed == 1 and all(target.contains([level_key(k, "int8") for k in keys]))
+    with pytest.raises(ConfigError):
+        PrecomputeOptions(levels=("nosuchcodec",))

@@ -198,3 +198,30 @@ def test_a_hung_tier_costs_a_bounded_wait_then_a_reported_recompute(tmp_path):
     assert first < 2.0 and again < 0.1  # one bounded wait, then misses at once while the tier is down
     w.close()
     hung.close()
+
+
+def test_adaptive_loads_pick_levels_and_count_them(tmp_path):
+    from kvstore.keys import level_key
+
+    settings = {"disk.path": str(tmp_path), "memory.capacity": "16MiB", "chunk_tokens": str(C), "disk.codec": "zstd",
+                "adaptive.levels": "int8,raw", "adaptive.floor": "lossless"}
+    src_buf, src = caches(seed=5)
+    toks = list(range(300, 324))  # three chunks
+    with build_store(load_config(env={}, overrides=settings)) as store:
+        w = make_worker(store, src)
+        w.save(StepPlan(saves=[RequestSave("a", moves(toks, [3, 4, 5, 6, 7, 8]))]))
+        assert w.flush(10)
+        keys = [m.ref.key for m in moves(toks, [0] * 6)]
+        assert all(store.tiers[-1].contains([level_key(k, "int8") for k in keys]))  # saved at every level
+        w.close()
+    # Another worker (its memory tier empty): the leading chunks load adaptively, at the lossless level.
+    with build_store(load_config(env={}, overrides=settings)) as store:
+        dst_buf, dst = caches()
+        r = make_worker(store, dst)
+        r.load(StepPlan(loads=[RequestLoad("b", moves(toks, [9, 10, 11, 12, 13, 14]))]))
+        assert r.take_invalid_blocks() == set()
+        assert torch.equal(dst_buf[:, 9:15], src_buf[:, 3:9])
+        stats = r.counters.take()
+        assert stats["adaptive_chunks|raw"] == 3 and stats["loaded_tokens|disk"] == 24
+        assert store.stats()["adaptive"]["chunks_by_level"] == {"raw": 3}
+        r.close()

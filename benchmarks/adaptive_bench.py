@@ -1,0 +1,162 @@
+"""Adaptive loading vs each fixed codec level vs recompute: TTFT over a link of 0.05 to 5 GB/s.
+
+    python -m benchmarks.adaptive_bench [--quick] [--json PATH] [--repeats N] [--tokens N] [--model tiny]
+
+A context of 4K tokens (`--tokens`) of real text plus a 16-token question, on SmolLM2-135M-Instruct by
+default (float32, as the other benchmarks). Its chunks are stored once, by `HFConnector` itself (whose
+first, full prefill is also what measures the model's prefill speed), in a disk tier at every level of
+`LEVELS` under their level keys. The link is a `benchmarks.paced.PacedTier` over that disk tier: real
+records read from the disk tier (page cache warm), each transfer paced as a token bucket of the link's
+rate, transfers sharing the link. TTFT = `HFConnector.prefill` from token ids to the first token's logits:
+- recompute: a full prefill (no stored KV), the same at every bandwidth;
+- fixed <level>: every chunk fetched at that level (`[adaptive]` with that one level, recompute off);
+- adaptive: the planner over every level and recompute (floor: the least faithful level), with the
+  figures measured by the loads so far (all loaders of the run share one `Estimates`, as the loads of one
+  store do); the adaptive loads run first in each round; the link's rate changes from row to row, and the first load after each
+  change (column `adaptive 1st`, re-planning as it goes) is reported beside the median of the repeats;
+- adaptive lossless: the same with floor "lossless" (zstd or recompute), whose first token must equal
+  the full prefill's.
+Median of repeats, the runs of one bandwidth interleaved. JSON: `adaptive_worst_ratio_to_best_fixed`
+(adaptive TTFT / the best fixed choice's, recompute included, worst over the bandwidths; the target is
+<= 1.1), the same for the lossless floor against its own choices (zstd, recompute), per-bandwidth
+milliseconds, `lossless_first_token_identical`, `model`, `model_layers`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+
+import torch
+
+from benchmarks.common import add_model_option, load_bench_model, print_table, write_json
+from benchmarks.paced import PacedTier
+from benchmarks.ttft_bench import _context_ids
+from codec import make_codec
+from connectors.hf import HFConnector, model_fingerprint
+from kvstore.adaptive import AdaptiveLoading
+from kvstore.levels import LOSSLESS_FLOOR, AdaptiveConfig
+from kvstore.store import TieredStore
+from kvstore.tiers import DiskTier, MemoryTier
+
+CHUNK = 256
+LEVELS = ("cachegen:1", "cachegen:2", "cachegen:3", "int8", "zstd")  # least faithful first
+BANDWIDTHS_GB_S = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+QUICK_BANDWIDTHS_GB_S = (0.05, 0.5, 5.0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="3 bandwidths, 2 repeats")
+    ap.add_argument("--json")
+    ap.add_argument("--repeats", type=int)
+    ap.add_argument("--tokens", type=int, default=4096, help="context tokens (a multiple of 256)")
+    add_model_option(ap)
+    args = ap.parse_args()
+    repeats = args.repeats or (2 if args.quick else 3)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    model, tok, info = load_bench_model(args.model)
+    fp = model_fingerprint(model)
+    ids = _context_ids(args.model, tok, args.tokens)
+    root = tempfile.mkdtemp(prefix="adaptive-bench-")
+    disk = DiskTier(root, 1 << 36, make_codec("zstd"), fsync=False)
+    link = PacedTier(disk, 1e12)
+
+    def loader(levels, floor="", recompute=True) -> HFConnector:
+        loading = AdaptiveLoading(AdaptiveConfig(levels=levels, floor=floor, recompute=recompute), link)
+        return HFConnector(model, TieredStore([disk], chunk_tokens=CHUNK, adaptive=loading), fingerprint=fp,
+                           store_new=False)
+
+    print(f"{info['model']} ({info['model_layers']} layers, float32), {torch.get_num_threads()} threads, "
+          f"{len(ids)} tokens, chunks of {CHUNK}, {repeats} repeats, load average {_loadavg()}")
+    adaptive = loader(LEVELS)
+    # Store the context's chunks at every level, the way a serving connector does on its first request.
+    t = time.perf_counter()
+    with HFConnector(model, adaptive.store, fingerprint=fp) as writer:
+        writer.prefill(ids)
+    print(f"stored at {', '.join(LEVELS)} in {time.perf_counter() - t:.1f} s")
+    lossless = loader(LEVELS, floor=LOSSLESS_FLOOR)
+    fixed = {level: loader((level,), recompute=False) for level in LEVELS}
+    # One tier, one model, one set of codecs: every loader feeds and reads the same measured figures, as the
+    # loads of one store do (the fixed loaders measure each level's decode speed along the way).
+    for conn in (lossless, *fixed.values()):
+        conn.store.adaptive.estimates = adaptive.store.adaptive.estimates
+    recompute = HFConnector(model, TieredStore([MemoryTier(1 << 20)], chunk_tokens=CHUNK), fingerprint=fp,
+                            store_new=False)
+    for conn in (recompute, *fixed.values()):
+        conn.prefill(ids)  # warm-up: first decodes compile
+    ref = recompute.prefill(ids)
+    first_token = int(torch.argmax(ref.logits))
+    recompute_s = statistics.median(recompute.prefill(ids).report.ttft_s for _ in range(min(repeats, 3)))
+    print(f"recompute {recompute_s * 1e3:.0f} ms")
+
+    results: dict = dict(info, tokens=len(ids), levels=list(LEVELS), recompute_ms=recompute_s * 1e3)
+    rows, worst, worst_lossless, worst_min, lossless_same = [], 0.0, 0.0, 0.0, True
+    for gb_s in QUICK_BANDWIDTHS_GB_S if args.quick else BANDWIDTHS_GB_S:
+        link.rate = gb_s * 1e9
+        runs = {"adaptive": adaptive, "adaptive-lossless": lossless, **{f"fixed {lv}": c for lv, c in fixed.items()}}
+        first = {name: conn.prefill(ids) for name, conn in runs.items()}  # the first load after the change
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        last = {}
+        for _ in range(repeats):
+            for name, conn in runs.items():
+                last[name] = conn.prefill(ids)
+                times[name].append(last[name].report.ttft_s)
+        ms = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+        best_of = {name: min(ts) * 1e3 for name, ts in times.items()}  # noise on a shared machine only adds
+        same = {name: int(torch.argmax(p.logits)) == first_token for name, p in last.items()}
+        lossless_same &= same["adaptive-lossless"] and int(torch.argmax(first["adaptive-lossless"].logits)) == first_token
+        fixed_ms = {**{lv: ms[f"fixed {lv}"] for lv in LEVELS}, "recompute": recompute_s * 1e3}
+        best = min(fixed_ms, key=fixed_ms.get)
+        best_lossless = min(("zstd", "recompute"), key=fixed_ms.get)
+        ratio = ms["adaptive"] / fixed_ms[best]
+        ratio_lossless = ms["adaptive-lossless"] / fixed_ms[best_lossless]
+        worst, worst_lossless = max(worst, ratio), max(worst_lossless, ratio_lossless)
+        fixed_min = {**{lv: best_of[f"fixed {lv}"] for lv in LEVELS}, "recompute": recompute_s * 1e3}
+        ratio_min = best_of["adaptive"] / min(fixed_min.values())
+        worst_min = max(worst_min, ratio_min)
+        plan = last["adaptive"].report.adaptive
+        same_choice = next(iter(plan.chunks_by_level)) if len(plan.chunks_by_level) == 1 else None
+        if same_choice in LEVELS:  # the same plan as a fixed level: the ratio between the two is noise
+            results.setdefault("noise_ratio_adaptive_to_its_own_choice", {})[f"{gb_s:g}"] = \
+                ms["adaptive"] / fixed_ms[same_choice]
+        rows.append([gb_s, *(f"{fixed_ms[lv]:.0f}" for lv in LEVELS), f"{recompute_s * 1e3:.0f}", best,
+                     f"{ms['adaptive']:.0f}", f"{first['adaptive'].report.ttft_s * 1e3:.0f}", f"{ratio:.2f}", f"{ratio_min:.2f}",
+                     _plan_text(plan.chunks_by_level), first["adaptive"].report.adaptive.replans,
+                     f"{ms['adaptive-lossless']:.0f}", f"{ratio_lossless:.2f}",
+                     "yes" if same["adaptive-lossless"] else "NO", "yes" if same["adaptive"] else "no"])
+        key = f"{gb_s:g}".replace(".", "_")
+        results[f"ttft_ms_{key}gb"] = {**{f"fixed_{lv}": fixed_ms[lv] for lv in LEVELS}, "recompute": recompute_s * 1e3,
+                                       "adaptive": ms["adaptive"], "adaptive_first": first["adaptive"].report.ttft_s * 1e3,
+                                       "adaptive_lossless": ms["adaptive-lossless"], "best_fixed": best,
+                                       "adaptive_plan": plan.chunks_by_level,
+                                       "min_of_repeats": {"adaptive": best_of["adaptive"], **fixed_min}}
+        print(f"  {gb_s} GB/s done: adaptive {ms['adaptive']:.0f} ms vs best fixed ({best}) {fixed_ms[best]:.0f} ms")
+    print()
+    print_table(["GB/s", *LEVELS, "recompute", "best fixed", "adaptive", "adaptive 1st", "vs best", "vs best (min)", "adaptive plan",
+                 "replans 1st", "lossless floor", "vs best", "1st token same (lossless)", "1st token same"], rows)
+    results.update(adaptive_worst_ratio_to_best_fixed=worst, adaptive_lossless_worst_ratio_to_best_fixed=worst_lossless,
+                   adaptive_worst_ratio_to_best_fixed_min_of_repeats=worst_min,
+                   lossless_first_token_identical=int(lossless_same), load_average=_loadavg(),
+                   link="benchmarks.paced.PacedTier over a disk tier (page cache warm): token-bucket paced reads")
+    print(f"adaptive / best fixed, worst over bandwidths: {worst:.3f} (min of repeats: {worst_min:.3f}; lossless "
+          f"floor: {worst_lossless:.3f}); load average {_loadavg()}")
+    shutil.rmtree(root, ignore_errors=True)
+    write_json(args.json, results)
+
+
+def _plan_text(by_level: dict[str, int]) -> str:
+    return " ".join(f"{k}x{v}" for k, v in sorted(by_level.items()))
+
+
+def _loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+if __name__ == "__main__":
+    main()

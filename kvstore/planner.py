@@ -1,0 +1,187 @@
+"""The adaptive load planner: per chunk, which codec level to fetch, or recompute it from its tokens.
+
+Primitives:
+- `Estimates`: measured figures, updated from real work (thread-safe): the tier link's bandwidth (record
+  bytes per second of each fetch), each level's decode speed (KV bytes per second) and size (record bytes
+  per KV byte, from every encode and fetch), and the model's prefill speed (tokens per second).
+  `figures()` is a frozen snapshot of them: `Figures`.
+- `plan_load(available, allowed, chunk_tokens=, kv_bytes=, figures=)` -> `LoadPlan`: a pure function.
+- `estimate_seconds(...)`: the time model behind it, also pure.
+
+The time model (what a load does): a fetcher requests the fetched chunks one after another over the link
+(`record bytes / bandwidth` each) while the CPU first prefills the `head` chunks from their tokens (these
+need no stored KV, so they overlap the transfers), then decodes each fetched chunk once it has arrived
+(`KV bytes / decode speed`), then prefills the `tail` chunks (which attend to everything before them, so
+they wait for the last fetch). The estimate is when the CPU is done; the prompt's remaining tokens cost
+the same in every plan and are left out. A plan is `head` recomputed chunks, then one level per fetched
+chunk, then `tail` recomputed chunks; the planner tries every head (or, when re-planning the rest of a
+load already under way, every tail) with every allowed level and keeps the fastest.
+
+Figures not measured yet: no bandwidth -> transfers count as free (the first fetch measures it, and the
+load re-plans); a level's decode speed unknown -> the fastest measured level's (none measured: free); a
+level's size unknown -> the KV's own size; no prefill speed -> nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Collection, Mapping, Sequence
+
+import numpy as np
+
+RECOMPUTE = "recompute"  # the action of a chunk rebuilt from its tokens
+# Plans within this much of the fastest count as ties, which go to fewer recomputed chunks, then to the
+# more faithful level: a difference the estimates cannot resolve is not worth quality.
+TIE_FRACTION = 0.02
+TIE_SECONDS = 1e-3
+
+
+@dataclass(frozen=True, slots=True)
+class Figures:
+    """Measured figures (None or absent: not measured yet)."""
+
+    bandwidth: float | None = None  # record bytes per second over the tier's link
+    decode: Mapping[str, float] = field(default_factory=dict)  # level -> KV bytes decoded per second
+    ratio: Mapping[str, float] = field(default_factory=dict)  # level -> record bytes per KV byte
+    prefill: float | None = None  # tokens per second of the model's prefill
+
+    def fetch_seconds(self, level: str, kv_bytes: int) -> float:
+        if not self.bandwidth:
+            return 0.0
+        return kv_bytes * self.ratio.get(level, 1.0) / self.bandwidth
+
+    def decode_seconds(self, level: str, kv_bytes: int) -> float:
+        speed = self.decode.get(level) or max(self.decode.values(), default=0.0)
+        return kv_bytes / speed if speed else 0.0
+
+    def prefill_seconds(self, tokens: int) -> float:
+        return tokens / self.prefill if self.prefill else float("inf")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadPlan:
+    head: int  # leading chunks recomputed, overlapping the fetches
+    levels: tuple[str, ...]  # the level of each fetched chunk, chunks head .. head + len(levels) - 1
+    tail: int  # chunks recomputed after the fetched ones
+    estimate_s: float  # the time model's figure for this plan
+
+    @property
+    def num_chunks(self) -> int:
+        return self.head + len(self.levels) + self.tail
+
+    def actions(self) -> list[str]:
+        """Per chunk, its level or `RECOMPUTE`."""
+        return [RECOMPUTE] * self.head + list(self.levels) + [RECOMPUTE] * self.tail
+
+
+def estimate_seconds(head: int, levels: Sequence[str], tail: int, *, chunk_tokens: int, kv_bytes: int,
+                     figures: Figures, cpu_start: float = 0.0, link_start: float = 0.0) -> float:
+    """When the CPU finishes the plan (seconds from now), given the CPU busy until `cpu_start` and the
+    link until `link_start` with work already committed."""
+    cpu = cpu_start + (figures.prefill_seconds(head * chunk_tokens) if head else 0.0)
+    if levels:
+        fetch = np.array([figures.fetch_seconds(level, kv_bytes) for level in levels])
+        decode = np.array([figures.decode_seconds(level, kv_bytes) for level in levels])
+        arrive = link_start + np.cumsum(fetch)
+        # c_k = max(c_{k-1}, arrive_k) + decode_k unrolls to: the latest of (start + every decode) and
+        # (chunk k's arrival + the decodes from k on).
+        after = np.cumsum(decode[::-1])[::-1]
+        cpu = max(cpu + float(after[0]), float(np.max(arrive + after)))
+    return cpu + (figures.prefill_seconds(tail * chunk_tokens) if tail else 0.0)
+
+
+def _levels_for(available: Sequence[Collection[str]], allowed: Sequence[str], level: str) -> tuple[str, ...] | None:
+    """Each chunk's copy for a plan that asks for `level`: that one where stored, else the nearest stored
+    more faithful allowed level, else the nearest less faithful one (still allowed); None if some chunk
+    has no allowed copy."""
+    i = allowed.index(level)
+    order = list(allowed[i:]) + list(reversed(allowed[:i]))
+    out = []
+    for have in available:
+        pick = next((lv for lv in order if lv in have), None)
+        if pick is None:
+            return None
+        out.append(pick)
+    return tuple(out)
+
+
+def plan_load(available: Sequence[Collection[str]], allowed: Sequence[str], *, chunk_tokens: int, kv_bytes: int,
+              figures: Figures, recompute: bool = True, head: bool = True, cpu_start: float = 0.0,
+              link_start: float = 0.0) -> LoadPlan:
+    """The fastest plan for consecutive chunks whose stored levels are `available[i]`.
+
+    `allowed`: the levels the quality floor allows, least faithful first. `recompute=False` fetches every
+    chunk; `head=False` recomputes only a tail (a load under way, or an engine that computes after it
+    loads). Plans within `TIE_FRACTION` (or `TIE_SECONDS`) of the fastest are ties: they go to fewer
+    recomputed chunks, then to the more faithful level.
+    """
+    n = len(available)
+    if not allowed:
+        raise ValueError("no level is allowed")
+    splits = [(0, 0)]
+    if recompute and figures.prefill is not None:
+        splits = [(r, 0) for r in range(n + 1)] if head else [(0, r) for r in range(n + 1)]
+    candidates: list[tuple[int, int, LoadPlan]] = []
+    for rank, level in enumerate(allowed):
+        for h, t in splits:
+            levels = _levels_for(available[h:n - t], allowed, level)
+            if levels is None:
+                continue
+            est = estimate_seconds(h, levels, t, chunk_tokens=chunk_tokens, kv_bytes=kv_bytes, figures=figures,
+                                   cpu_start=cpu_start, link_start=link_start)
+            candidates.append((h + t, -rank, LoadPlan(h, levels, t, est)))
+    if not candidates:  # some chunk has no allowed copy and nothing may be recomputed
+        raise ValueError("a chunk has no allowed copy; the caller loads only chunks that have one")
+    fastest = min(c[2].estimate_s for c in candidates)
+    near = [c for c in candidates if c[2].estimate_s <= fastest * (1 + TIE_FRACTION) + TIE_SECONDS]
+    return min(near, key=lambda c: (c[0], c[1], c[2].estimate_s))[2]
+
+
+class Estimates:
+    """Measured figures, each a moving average of real observations (newer ones weigh `weight`)."""
+
+    def __init__(self, weight: float = 0.5) -> None:
+        self.weight = weight
+        self._lock = threading.Lock()
+        self._bandwidth: float | None = None
+        self._prefill: float | None = None
+        self._decode: dict[str, float] = {}
+        self._ratio: dict[str, float] = {}
+
+    def _avg(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.weight) * old + self.weight * new
+
+    def observe_fetch(self, nbytes: int, seconds: float) -> float | None:
+        """One transfer of `nbytes` record bytes in `seconds`; returns that transfer's own bandwidth."""
+        if nbytes <= 0 or seconds <= 0:
+            return None
+        rate = nbytes / seconds
+        with self._lock:
+            self._bandwidth = self._avg(self._bandwidth, rate)
+        return rate
+
+    def seed_bandwidth(self, rate: float) -> None:
+        """A first figure from earlier measured transfers (a tier's own counters), if none is kept yet."""
+        with self._lock:
+            if self._bandwidth is None and rate > 0:
+                self._bandwidth = rate
+
+    def observe_decode(self, level: str, kv_bytes: int, seconds: float) -> None:
+        if kv_bytes > 0 and seconds > 0:
+            with self._lock:
+                self._decode[level] = self._avg(self._decode.get(level), kv_bytes / seconds)
+
+    def observe_size(self, level: str, record_bytes: int, kv_bytes: int) -> None:
+        if record_bytes > 0 and kv_bytes > 0:
+            with self._lock:
+                self._ratio[level] = self._avg(self._ratio.get(level), record_bytes / kv_bytes)
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        if tokens > 0 and seconds > 0:
+            with self._lock:
+                self._prefill = self._avg(self._prefill, tokens / seconds)
+
+    def figures(self) -> Figures:
+        with self._lock:
+            return Figures(self._bandwidth, dict(self._decode), dict(self._ratio), self._prefill)

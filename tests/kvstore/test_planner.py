@@ -1,0 +1,116 @@
+"""The adaptive load planner as a pure function over measured figures, its time model against a plain
+step-by-step simulation, and the estimates it is fed."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvstore.planner import RECOMPUTE, Estimates, Figures, estimate_seconds, plan_load
+
+LEVELS = ("small", "mid", "lossless")  # least faithful first
+RATIO = {"small": 0.1, "mid": 0.25, "lossless": 0.9}
+KV = 1_000_000  # KV bytes of one chunk
+C = 256
+
+
+def figures(bandwidth, prefill=None, decode=1e9):
+    return Figures(bandwidth, {lv: decode for lv in LEVELS}, RATIO, prefill)
+
+
+def all_of(n, levels=LEVELS):
+    return [frozenset(levels)] * n
+
+
+def plan(n, fig, allowed=LEVELS, **kw):
+    return plan_load(all_of(n), allowed, chunk_tokens=C, kv_bytes=KV, figures=fig, **kw)
+
+
+def test_a_fast_link_fetches_the_most_faithful_level():
+    p = plan(8, figures(bandwidth=1e12, prefill=1e3))
+    assert p.actions() == ["lossless"] * 8
+
+
+def test_a_slow_link_fetches_the_smallest_level():
+    p = plan(8, figures(bandwidth=1e7, prefill=10.0))  # recompute: 25.6 s a chunk, fetch of small: 0.01 s
+    assert p.actions() == ["small"] * 8
+
+
+def test_the_quality_floor_bounds_the_levels():
+    p = plan(8, figures(bandwidth=1e7), allowed=("mid", "lossless"))
+    assert set(p.actions()) == {"mid"}
+    p = plan(8, figures(bandwidth=1e7), allowed=("lossless",))
+    assert set(p.actions()) == {"lossless"}
+
+
+def test_a_very_slow_link_recomputes_leading_chunks_while_the_rest_arrive():
+    # small: 0.1 MB at 0.1 MB/s = 1 s a chunk; prefill: 256 tokens at 512 tok/s = 0.5 s a chunk.
+    p = plan(8, figures(bandwidth=1e5, prefill=512.0))
+    assert p.head > 0 and p.levels and p.tail == 0
+    assert set(p.levels) == {"small"}
+    # The overlap pays: better than fetching everything or recomputing everything.
+    assert p.estimate_s < estimate_seconds(0, ["small"] * 8, 0, chunk_tokens=C, kv_bytes=KV, figures=p_fig())
+    assert p.estimate_s < 8 * 0.5
+
+
+def p_fig():
+    return figures(bandwidth=1e5, prefill=512.0)
+
+
+def test_recompute_everything_when_the_link_is_hopeless():
+    p = plan(4, figures(bandwidth=1e2, prefill=1e4))
+    assert p.actions() == [RECOMPUTE] * 4
+
+
+def test_nothing_is_recomputed_without_a_measured_prefill_speed_or_when_disallowed():
+    assert RECOMPUTE not in plan(8, figures(bandwidth=1e2, prefill=None)).actions()
+    assert RECOMPUTE not in plan(8, figures(bandwidth=1e2, prefill=1e4), recompute=False).actions()
+
+
+def test_an_unmeasured_link_counts_as_free():
+    p = plan(4, Figures(None, {}, {}, None))
+    assert p.actions() == ["lossless"] * 4 and p.estimate_s == 0.0
+
+
+def test_slow_decode_of_a_level_steers_away_from_it():
+    fig = Figures(1e9, {"small": 1e6, "mid": 1e6, "lossless": 1e10}, RATIO, None)
+    assert set(plan(4, fig).actions()) == {"lossless"}
+
+
+def test_a_chunk_without_the_chosen_copy_takes_the_nearest_allowed_one():
+    avail = [frozenset(LEVELS), frozenset({"lossless"}), frozenset({"mid", "small"})]
+    p = plan_load(avail, LEVELS, chunk_tokens=C, kv_bytes=KV, figures=figures(bandwidth=1e7))
+    assert p.actions() == ["small", "lossless", "small"]
+    p = plan_load(avail, ("mid", "lossless"), chunk_tokens=C, kv_bytes=KV, figures=figures(bandwidth=1e7))
+    assert p.actions() == ["mid", "lossless", "mid"]
+
+
+def test_a_replan_without_head_recomputes_a_tail():
+    p = plan(6, figures(bandwidth=1e2, prefill=1e4), head=False)
+    assert p.head == 0 and p.tail == 6
+
+
+@pytest.mark.parametrize("bw,dec,head", [(1e6, 1e7, 0), (1e7, 1e6, 0), (1e6, 1e6, 2), (3e6, 2e6, 5)])
+def test_the_time_model_matches_a_step_by_step_simulation(bw, dec, head):
+    fig = Figures(bw, {lv: dec for lv in LEVELS}, RATIO, 1000.0)
+    levels = ["small", "lossless", "mid", "mid", "small"]
+    link, cpu = 0.3, head * C / 1000.0 + 0.1
+    got = estimate_seconds(head, levels, 1, chunk_tokens=C, kv_bytes=KV, figures=fig, cpu_start=0.1, link_start=0.3)
+    for lv in levels:
+        link += KV * RATIO[lv] / bw
+        cpu = max(cpu, link) + KV / dec
+    assert got == pytest.approx(cpu + C / 1000.0)
+
+
+def test_estimates_average_real_observations():
+    e = Estimates(weight=0.5)
+    assert e.figures() == Figures()
+    assert e.observe_fetch(100, 1.0) == 100
+    e.observe_fetch(300, 1.0)
+    e.observe_fetch(0, 1.0)  # ignored
+    e.seed_bandwidth(1.0)  # a figure is kept already: no effect
+    e.observe_decode("mid", 1000, 0.5)
+    e.observe_size("mid", 250, 1000)
+    e.observe_prefill(512, 2.0)
+    f = e.figures()
+    assert f.bandwidth == 200 and f.decode == {"mid": 2000} and f.ratio == {"mid": 0.25} and f.prefill == 256
+    assert f.decode_seconds("other", 2000) == 1.0  # an unmeasured level: the fastest measured one's speed
