@@ -267,8 +267,17 @@ def reconstruct(kv: torch.Tensor, level: Level, base: np.ndarray | None = None) 
     out = torch.from_numpy(vals).reshape(kv.shape)
     if sinks.size:
         idx = torch.from_numpy(sinks)
-        out[:, :, idx] = kv[:, :, idx].to(torch.float32)
+        vals = kv[:, :, idx]
+        out[:, :, idx] = vals.to(sink_dtype(vals)).to(torch.float32)
     return out
+
+
+def sink_dtype(vals: torch.Tensor) -> torch.dtype:
+    """The 16-bit dtype sink tokens' values are stored in: their own for float16 / bfloat16 KV; for float32
+    KV float16 where it fits, else bfloat16."""
+    if vals.dtype in (torch.float16, torch.bfloat16):
+        return vals.dtype
+    return torch.float16 if vals.abs().max().item() <= 65504 else torch.bfloat16
 
 
 def count_symbols(kv: torch.Tensor, level: Level, counts: np.ndarray | None = None,
