@@ -1,7 +1,8 @@
 """`python -m connectors.profile`: profile a cachegen codebook for a Hugging Face causal LM and save it.
 
     python -m connectors.profile --texts FILE --out ~/.cache/kvstore/codebooks [--model NAME|DIR] [--dtype D]
-        [--fingerprint FP] [--chunks 48] [--sensitivity-contexts 8]
+        [--fingerprint FP] [--chunks 48] [--sensitivity-contexts 8 | --sensitivity-from CODEBOOK]
+        [--calibration-contexts 8] [--calibration-layers-per-group 1]
 
 `--model` is a registered model (`smollm2-135m`, the default; `tiny`) or a local transformers model folder,
 loaded in `--dtype` (the dtype it will be served in: the fingerprint, and so the codebook, depends on it);
@@ -13,7 +14,7 @@ be `--dtype`);
 one text per line, or a .jsonl whose objects have a "text" field or "passages" (texts like the ones the
 model will serve; never the set you measure on).
 
-Two measurements, then the codebook (`codec.profile.profile_kv`), written as `<fingerprint>.kvcb` into
+Three steps, then the codebook (`codec.profile.profile_kv`), written as `<fingerprint>.kvcb` into
 `--out`, where `codec.codebook.codebooks` finds it (see docs/CODEC.md):
 - the model's sensitivity to each (layer, K/V, channel) of its KV (`kv_sensitivity`): over
   `--sensitivity-contexts` windows of the texts (512 context tokens, 64 continuation tokens), the Fisher
@@ -21,6 +22,11 @@ Two measurements, then the codebook (`codec.profile.profile_kv`), written as `<f
   squared gradient of the log-probability of tokens drawn from the model itself), averaged over tokens;
   the first token of each window, the attention sink, is left out (the codec keeps sink tokens apart).
   This sets each level's step per (layer, K/V, channel); 0 contexts keeps the layer-RMS steps;
+  `--sensitivity-from` takes it back from an existing codebook's steps instead (`codebook_sensitivity`);
+- its calibration (`calibrate_sensitivity`): over `--calibration-contexts` windows, the KL measured when
+  one (layer, K/V) (or group of layers) alone goes through the codec at level 2 rescales that
+  (layer, K/V)'s sensitivity, since the Fisher information's prediction (the same KL from each) is off
+  by up to 10x between layers on SmolLM2;
 - the symbol statistics of the texts' full 256-token chunks at those steps (`--chunks` of them).
 """
 
