@@ -27,7 +27,8 @@ import torch
 from codec import rans
 from codec.base import Codec, CodecError, register
 from codec.cachegen_quant import (_OUT_BITS, LEVELS, Level, _bf16_to_f32, _quantize, chunk_tables, count_symbols,
-                                  dequantize_values, pack_tables, quantize, sensitivity_steps, steps, unpack_tables)
+                                  dequantize_values, pack_tables, quantize, sensitivity_steps, sink_dtype, steps,
+                                  unpack_tables)
 from codec.codebook import Codebook, codebooks, missing_codebooks
 
 FORMAT_VERSION = 2
@@ -260,10 +261,7 @@ def _sink_section(kv: torch.Tensor, sinks: np.ndarray) -> bytes:
     the input's own bits for float16 / bfloat16 KV; float32 KV as float16 where it fits, else bfloat16."""
     layers, _, _, heads, dim = kv.shape
     vals = kv[:, :, torch.from_numpy(sinks)].reshape(layers, 2, sinks.size, heads * dim)
-    if kv.dtype in (torch.float16, torch.bfloat16):
-        dtype = kv.dtype
-    else:
-        dtype = torch.float16 if vals.abs().max().item() <= 65504 else torch.bfloat16
+    dtype = sink_dtype(vals)
     code = 1 if dtype == torch.float16 else 2
     bits = vals.to(dtype).contiguous().view(torch.int16).numpy().astype("<u2")
     return struct.pack("<BB", sinks.size, code) + sinks.astype("<u4").tobytes() + bits.tobytes()

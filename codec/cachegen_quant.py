@@ -15,7 +15,8 @@ element's error is at most step / 2 (plus the output dtype's rounding), except o
 which the codec also stores at 16 bits and writes over the quantized values.
 
 Primitives: `steps` and `quantize` (KV -> step sizes, symbols), `sensitivity_steps` (sensitivity ->
-a level's base steps), `count_symbols` (a codebook's profile),
+a level's base steps), `count_symbols` (a codebook's profile), `reconstruct` (KV as decoded, for
+profiling the model's response),
 `dequantize_values` (symbol -> output bits, the decoders' table), `pack_tables` / `unpack_tables` /
 `chunk_tables` (the per-chunk frequency tables of a chunk without a codebook). The loops over elements
 are numba kernels.
@@ -69,7 +70,7 @@ class Level:
 
 LEVELS: dict[int, Level] = {
     1: Level(m=31, budget=4e-3, alpha_k=1.0, alpha_v=1.4, early_factor=0.7),
-    2: Level(m=63, budget=2.2e-3, alpha_k=0.5, alpha_v=0.7, early_factor=0.7),
+    2: Level(m=63, budget=2e-3, alpha_k=0.5, alpha_v=0.7, early_factor=0.7),
     3: Level(m=127, budget=1e-3, alpha_k=0.22, alpha_v=0.3, early_factor=0.7),
     4: Level(m=127, budget=3e-4, alpha_k=0.08, alpha_v=0.1, early_factor=0.7),
 }
@@ -243,6 +244,31 @@ def quantize(kv: torch.Tensor, level: Level, base: np.ndarray | None = None) -> 
     sym = np.empty(x.size, dtype=np.uint8)
     _quantize(*rans.kernel_input(x, kind), n_tok, n_chan, step, level.m, sym)
     return sym.reshape(layers * 2, n_tok, n_chan), bits
+
+
+def reconstruct(kv: torch.Tensor, level: Level, base: np.ndarray | None = None) -> torch.Tensor:
+    """kv [L, 2, T, H, D] (CPU) -> float32 KV [L, 2, T, H, D] as the codec decodes it at this level with
+    `base` steps (as in `steps`; sink tokens kept as they are): what profiling measures the model on."""
+    layers, _, n_tok = kv.shape[:3]
+    n_chan = kv.shape[3] * kv.shape[4]
+    x, kind, step, _, sinks = steps(kv, level, base)
+    sym = np.empty(x.size, dtype=np.uint8)
+    _quantize(*rans.kernel_input(x, kind), n_tok, n_chan, step, level.m, sym)
+    vals = (sym.reshape(layers * 2, n_tok, n_chan).astype(np.float32) - level.m) * step.reshape(layers * 2, 1, n_chan)
+    out = torch.from_numpy(vals).reshape(kv.shape)
+    if sinks.size:
+        idx = torch.from_numpy(sinks)
+        vals = kv[:, :, idx]
+        out[:, :, idx] = vals.to(sink_dtype(vals)).to(torch.float32)
+    return out
+
+
+def sink_dtype(vals: torch.Tensor) -> torch.dtype:
+    """The 16-bit dtype sink tokens' values are stored in: their own for float16 / bfloat16 KV; for float32
+    KV float16 where it fits, else bfloat16."""
+    if vals.dtype in (torch.float16, torch.bfloat16):
+        return vals.dtype
+    return torch.float16 if vals.abs().max().item() <= 65504 else torch.bfloat16
 
 
 def count_symbols(kv: torch.Tensor, level: Level, counts: np.ndarray | None = None,

@@ -349,3 +349,22 @@ def test_bad_sink_sections_are_codec_errors():
             decode(codec, bytes(bad), kv)
     with pytest.raises(CodecError):
         decode(codec, bytes(payload[: sink_at + 10]), kv)
+
+
+@pytest.mark.parametrize("with_codebook", [False, True])
+def test_reconstruct_is_what_the_codec_decodes(with_codebook):
+    """`reconstruct` (what profiling calibrates on) equals a float32 decode, sink token and all."""
+    from codec.cachegen_quant import reconstruct
+
+    shape = (3, 2, 64, 2, 16)
+    kv = _with_sink(shape=shape, token=0)
+    cb = profile_kv("test-model-reconstruct", [kv_like(shape=shape, seed=s) for s in range(2)],
+                    np.linspace(1.0, 50.0, 3 * 2 * 32)) if with_codebook else None
+    if cb is not None:
+        codebooks.register(cb)
+    for lv in (1, 2):
+        codec = CacheGenCodec(lv, cb)
+        payload = codec.encode(kv)
+        assert payload[6] & 2  # the chunk has a sink token
+        out = decode(codec, payload, kv)
+        assert torch.equal(reconstruct(kv, LEVELS[lv], None if cb is None else cb.base_steps(lv)), out)

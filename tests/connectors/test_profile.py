@@ -16,7 +16,7 @@ from codec.cachegen import LEVELS  # noqa: E402
 from codec.codebook import Codebook, CodebookRegistry  # noqa: E402
 from connectors.hf import HFConnector, model_fingerprint  # noqa: E402
 from connectors.models import load_model  # noqa: E402
-from connectors.profile import kv_sensitivity, main  # noqa: E402
+from connectors.profile import calibrate_sensitivity, codebook_sensitivity, kv_sensitivity, main  # noqa: E402
 from kvstore.store import TieredStore  # noqa: E402
 from kvstore.tiers import MemoryTier  # noqa: E402
 
@@ -66,3 +66,42 @@ def test_codebook_under_another_engines_fingerprint(tmp_path):
     assert CodebookRegistry([out]).for_fingerprint(fp) is not None
     with pytest.raises(SystemExit):  # a float32 profile cannot serve a bfloat16 engine's chunks
         main(args + ["--dtype", "float32", "--fingerprint", fp])
+
+
+def test_calibration_follows_the_measured_kl():
+    """A (layer, K/V) given 10x finer steps than the rest shows less KL through the codec, so calibration
+    gives it a smaller factor; the factors are per (layer, K/V) and their geometric mean is 1."""
+    model, tok = load_model("tiny", torch.float32)
+    cfg = model.config
+    channels = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    w = np.ones((cfg.num_hidden_layers * 2, channels))
+    w[1] *= 100.0  # layer 0's values: 10x finer steps
+    out = calibrate_sensitivity(model, tok, [TEXT * 3], w.reshape(-1), contexts=1, context_tokens=64, continuation=8)
+    factor = out.reshape(w.shape) / w
+    assert np.allclose(factor, factor[:, :1])  # one factor per (layer, K/V)
+    f = factor[:, 0]
+    assert np.all(f > 0) and abs(np.log(f).mean()) < 1e-6
+    assert f[1] < np.median(f)
+    with pytest.raises(ValueError, match="window"):
+        calibrate_sensitivity(model, tok, ["too short"], w.reshape(-1), contexts=1)
+
+
+def test_sensitivity_back_from_a_codebook(tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text(TEXT * 2 + "\n")
+    out = tmp_path / "codebooks"
+    args = ["--model", "tiny", "--texts", str(texts), "--out", str(out), "--chunks", "1", "--sensitivity-contexts", "1",
+            "--calibration-contexts", "0"]
+    assert main(args) == 0
+    (path,) = out.glob("*.kvcb")
+    w = codebook_sensitivity(path)
+    cb = Codebook.load(path)
+    assert w.shape == (cb.layers * 2 * cb.channels,) and (w > 0).all()
+    # steps remade from it are the codebook's (bfloat16 rounding aside)
+    from codec.cachegen_quant import sensitivity_steps
+    for lv in LEVELS:
+        assert np.allclose(sensitivity_steps(w, LEVELS[lv]), cb.base_steps(lv), rtol=2e-2)
+    # and a profile from it, calibrated, writes a codebook too
+    again = tmp_path / "again"
+    assert main(args[:4] + ["--out", str(again), "--chunks", "1", "--sensitivity-from", str(path), "--calibration-contexts", "1"]) == 0
+    assert len(list(again.glob("*.kvcb"))) == 1
