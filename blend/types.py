@@ -98,7 +98,10 @@ class BlendConfig:
     widen: the check layer keeps `min(1, ratio * widen)` of the reused tokens; the selection then narrows
       linearly over `filter_layers` layers down to `ratio` (gradual filtering; 1.0 / 0 = no filtering).
     deviation: what is compared: keys "k", values "v", or both "kv" (L2 over heads and dims, per token).
-    selection: "deviation" (highest deviation first) or "random" (the baseline), see `blend.select`.
+    selection: "deviation" (highest deviation first), "leading" (each passage's first tokens first, by the
+      position their KV was computed at: where a passage computed alone differs most from it in the prompt,
+      its own attention sink and the tokens that saw nothing before them), or "random" (the baseline), see
+      `blend.select`.
     sink_tokens: the first `sink_tokens` tokens of every cached passage (those stored at positions below it)
       are always among the recomputed ones (counted in the ratio): computed alone, a passage's first tokens
       are its attention sinks, which they are not in the whole prompt.

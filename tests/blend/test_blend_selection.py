@@ -145,7 +145,36 @@ def test_recompute_reasons_are_reported(shipped):
     assert res.report.summary()["recomputed"][0] == {"row": 0, "tokens": 64, "reason": "evicted"}
 
 
-@pytest.mark.parametrize("selection", ["deviation", "random"])
+def test_leading_score_puts_early_offsets_first_and_rows_in_place_last():
+    from blend.select import leading_score
+
+    offsets = torch.tensor([0, 1, 2, 0, 1, 0, 3])
+    rows = torch.tensor([0, 1, 2, 3, 4, 5, 6])  # rows 0-2: the prompt's own opening (offset == row)
+    gen = torch.Generator().manual_seed(0)
+    score = leading_score(offsets, rows)
+    assert torch.isinf(score[:3]).all() and (score[:3] < 0).all()
+    assert select("leading", score, 3, gen).tolist() == [3, 4, 5]
+    assert select("leading", score, 2, gen).tolist() == [3, 5]  # every passage's first token before any second
+
+
+def test_leading_selection_recomputes_each_passages_first_tokens(shipped, make_segments):
+    model, segs = _prompt(shipped, make_segments)
+    assert segs[0].is_cached  # the first passage opens the prompt: its KV is computed where it stands
+    reused = sum(s.tokens.numel() for s in segs if s.is_cached)
+    res = blend(model, segs, BlendConfig(ratio=0.15, selection="leading"))
+    count = round(0.15 * reused)
+    starts = _passage_starts(segs)[1:]  # the moved passages
+    per = count // len(starts)  # each gets its first `per` tokens (the next offset's ties go to earlier rows)
+    first = torch.cat([torch.arange(r, r + per) for r in starts])
+    for layer in range(1, 4):
+        chosen = res.report.selected[layer]
+        assert chosen.numel() == count
+        assert torch.isin(first, chosen).all()
+        assert not (chosen < segs[0].tokens.numel()).any()  # nothing of the passage in place
+    assert not torch.isin(first, blend(model, segs, BlendConfig(ratio=0.15)).report.selected[1]).all()
+
+
+@pytest.mark.parametrize("selection", ["deviation", "leading", "random"])
 def test_a_larger_ratio_recomputes_a_superset_of_rows(shipped, make_segments, selection):
     """More recompute never drops a row a smaller ratio recomputed: where blend at 0.30 does worse than at 0.15
     on an example, it is from the added rows, not from a different choice."""
