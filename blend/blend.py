@@ -4,8 +4,9 @@ a small share of the tokens (CacheBlend-style selective recompute, with exact ma
 Per layer l, with A the rows whose input hidden state is known (all rows at layer 0, except with ratio 0):
 1. q, k, v of the rows in A (the model's own modules, `blend.model.LayerDriver`);
 2. at and after the check layer, choose A' within A: the fresh rows (no cached KV, the question, the last
-   row) always, and the reused rows of highest KV deviation (fresh vs cached, `blend.select`) up to that
-   layer's ratio (or, with `selection="leading"`, each passage's first tokens); the check layer measures every reused row, the following layers narrow the choice
+   row) always, and the reused rows the selection ranks first up to that layer's ratio (`blend.select`:
+   by default each passage's first tokens, "leading"; or the highest KV deviation, fresh vs cached,
+   "deviation", which the check layer measures for every reused row in any case); the check layer measures every reused row, the following layers narrow the choice
    (gradual filtering) down to `config.ratio`; optionally each passage's first `sink_tokens` first, and the
    deviation weighted by the question's attention at the check layer (`question_weight`);
 3. write k, v of every row of A into the merged KV (they are exact: their inputs are), so that the

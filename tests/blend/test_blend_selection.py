@@ -58,7 +58,7 @@ def test_sink_tokens_are_recomputed_within_the_ratio(shipped, make_segments):
         chosen = res.report.selected[layer]
         assert chosen.numel() == round(0.1 * reused)
         assert torch.isin(sinks, chosen).all()
-    plain = blend(model, segs, BlendConfig(ratio=0.1))
+    plain = blend(model, segs, BlendConfig(ratio=0.1, selection="deviation"))
     assert not torch.isin(sinks, plain.report.selected[1]).all()  # not what the deviation alone picks
 
 
@@ -67,18 +67,18 @@ def test_sinks_are_a_passages_first_tokens_not_a_later_chunks(shipped, make_segm
     p = segs[0]
     cut = 20  # the passage as two stored chunks: the second's keys were computed at positions 20..
     two = [Segment.cached(p.tokens[:cut], p.kv[:, :, :cut], 0), Segment.cached(p.tokens[cut:], p.kv[:, :, cut:], cut)]
-    res = blend(model, two + segs[1:], BlendConfig(ratio=0.1, sink_tokens=2))
+    res = blend(model, two + segs[1:], BlendConfig(ratio=0.1, sink_tokens=2, selection="deviation"))
     chosen = res.report.selected[1]
     assert torch.isin(torch.tensor([0, 1]), chosen).all()
     assert res.report.deviation[cut] == res.report.deviation[cut]  # a reused row (not NaN)
-    ranked = blend(model, two + segs[1:], BlendConfig(ratio=0.1)).report.selected[1]
+    ranked = blend(model, two + segs[1:], BlendConfig(ratio=0.1, selection="deviation")).report.selected[1]
     assert set(chosen.tolist()) - {0, 1} <= set(ranked.tolist())  # the rest is the deviation's choice
 
 
 def test_question_weight_ranks_by_deviation_times_the_questions_attention(shipped, make_segments):
     model, segs = _prompt(shipped, make_segments)
     check = 1
-    res = blend(model, segs, BlendConfig(ratio=0.15, check_layer=check, question_weight=1.0))
+    res = blend(model, segs, BlendConfig(ratio=0.15, check_layer=check, question_weight=1.0, selection="deviation"))
     rep = res.report
     # Independent reference: below the check layer every row is computed, so the check layer's queries and
     # keys are a full prefill's; its attention (eager) from the rows after the last passage.
@@ -96,7 +96,7 @@ def test_question_weight_ranks_by_deviation_times_the_questions_attention(shippe
     others[chosen] = False
     assert chosen.numel() == round(0.15 * int(reused.sum()))
     assert score[chosen].min() >= score[others].max() * (1 - 1e-4)
-    plain = blend(model, segs, BlendConfig(ratio=0.15, check_layer=check)).report.selected[check]
+    plain = blend(model, segs, BlendConfig(ratio=0.15, check_layer=check, selection="deviation")).report.selected[check]
     assert not torch.equal(plain, chosen)
 
 
@@ -171,7 +171,7 @@ def test_leading_selection_recomputes_each_passages_first_tokens(shipped, make_s
         assert chosen.numel() == count
         assert torch.isin(first, chosen).all()
         assert not (chosen < segs[0].tokens.numel()).any()  # nothing of the passage in place
-    assert not torch.isin(first, blend(model, segs, BlendConfig(ratio=0.15)).report.selected[1]).all()
+    assert not torch.isin(first, blend(model, segs, BlendConfig(ratio=0.15, selection="deviation")).report.selected[1]).all()
 
 
 @pytest.mark.parametrize("selection", ["deviation", "leading", "random"])
