@@ -62,10 +62,10 @@ def load_tasks(model_name: str, split: str) -> tuple[list[Task], bool]:
     return [Task(e.passages, e.question, e.lead, e.answer, e.chance) for e in load_chat(split)], True
 
 
-def methods() -> list[tuple[str, float | None, str]]:
-    """(name, ratio or None for full prefill, selection)."""
-    out: list[tuple[str, float | None, str]] = [("full", None, "deviation"), ("naive", 0.0, "deviation")]
-    out += [(f"blend_{round(r * 100):02d}", r, "deviation") for r in RATIOS]
+def methods() -> list[tuple[str, float | None, str | None]]:
+    """(name, ratio or None for full prefill, selection: None for the configured one)."""
+    out: list[tuple[str, float | None, str | None]] = [("full", None, None), ("naive", 0.0, None)]
+    out += [(f"blend_{round(r * 100):02d}", r, None) for r in RATIOS]
     out += [(f"random_{round(r * 100):02d}", r, "random") for r in RATIOS]
     return out
 
@@ -73,7 +73,7 @@ def methods() -> list[tuple[str, float | None, str]]:
 def _prefill(pipe: RagPipeline, base: BlendConfig, task: Task, passages, ratio, selection):
     if ratio is None:
         return pipe.prefill(task.question, passages, answer_prefix=task.lead, full_prefill=True)
-    cfg = dataclasses.replace(base, ratio=ratio, selection=selection)
+    cfg = dataclasses.replace(base, ratio=ratio, selection=selection or base.selection)
     if selection == "random":  # the plain baseline: no rows forced in
         cfg = dataclasses.replace(cfg, sink_tokens=0)
     return pipe.prefill(task.question, passages, answer_prefix=task.lead, blend_config=cfg)
@@ -223,6 +223,8 @@ def main() -> None:
     ap.add_argument("--part", default="all", choices=("all", "fidelity", "ttft"),
                     help="run one part only (e.g. the two side by side in two processes on a busy machine)")
     d = BlendConfig()
+    ap.add_argument("--selection", default=d.selection, choices=("deviation", "leading"),
+                    help="how blend's rows choose the tokens to recompute (random selection has its own rows)")
     ap.add_argument("--deviation", default=d.deviation, choices=("k", "v", "kv"))
     ap.add_argument("--check-layer", type=int, default=d.check_layer)
     ap.add_argument("--widen", type=float, default=d.widen)
@@ -235,7 +237,7 @@ def main() -> None:
     n_ex = args.examples or (30 if args.quick else None)
     repeats = args.repeats or (3 if args.quick else 5)
     base = dataclasses.replace(d, check_layer=args.check_layer, widen=args.widen, filter_layers=args.filter_layers,
-                               deviation=args.deviation, sink_tokens=args.sink_tokens,
+                               deviation=args.deviation, selection=args.selection, sink_tokens=args.sink_tokens,
                                question_weight=args.question_weight)
 
     model, tok, info = load_bench_model(args.model)
@@ -248,7 +250,7 @@ def main() -> None:
     t = time.perf_counter()
     stats = pipe.precompute({str(i): p for i, p in enumerate(dict.fromkeys(
         [p for task in fid_tasks for p in task.passages] + context))})
-    config = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.name not in ("ratio", "selection", "seed", "overlap")}
+    config = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.name not in ("ratio", "seed", "overlap")}
     print(f"precomputed {stats.passages} passages ({stats.chunks_computed} chunks) in {time.perf_counter() - t:.1f} s; "
           f"prompt: {'chat template' if chat else 'plain'}; blend config: {config}", flush=True)
 

@@ -38,6 +38,7 @@ VARIANTS: dict[str, dict] = {
     "qw0.5": {"question_weight": 0.5},
     "qw1": {"question_weight": 1.0},
     "widen2_f4": {"widen": 2.0, "filter_layers": 4},
+    "leading": {"selection": "leading"},
     "random": {"selection": "random"},
 }
 

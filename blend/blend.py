@@ -4,8 +4,9 @@ a small share of the tokens (CacheBlend-style selective recompute, with exact ma
 Per layer l, with A the rows whose input hidden state is known (all rows at layer 0, except with ratio 0):
 1. q, k, v of the rows in A (the model's own modules, `blend.model.LayerDriver`);
 2. at and after the check layer, choose A' within A: the fresh rows (no cached KV, the question, the last
-   row) always, and the reused rows of highest KV deviation (fresh vs cached, `blend.select`) up to that
-   layer's ratio; the check layer measures every reused row, the following layers narrow the choice
+   row) always, and the reused rows the selection ranks first up to that layer's ratio (`blend.select`:
+   by default each passage's first tokens, "leading"; or the highest KV deviation, fresh vs cached,
+   "deviation", which the check layer measures for every reused row in any case); the check layer measures every reused row, the following layers narrow the choice
    (gradual filtering) down to `config.ratio`; optionally each passage's first `sink_tokens` first, and the
    deviation weighted by the question's attention at the check layer (`question_weight`);
 3. write k, v of every row of A into the merged KV (they are exact: their inputs are), so that the
@@ -27,7 +28,7 @@ import torch
 from blend.assemble import KVAssembler
 from blend.errors import BlendInputError
 from blend.model import LayerDriver
-from blend.select import kv_deviation, select
+from blend.select import kv_deviation, leading_score, select
 from blend.types import BlendConfig, BlendReport, BlendResult, Segment, SegmentFetch, as_ids
 from kernels import RopeSpec, rope_from_config
 from kernels.dispatch import KernelInputError
@@ -158,6 +159,8 @@ def _run(driver: LayerDriver, asm: KVAssembler, ids: torch.Tensor, config: Blend
                     weight = _question_attention(driver, layer, q, k, known_fresh(), config.question_weight)
                     sinks = (asm.offsets() < config.sink_tokens) & ~known_fresh()  # [T] bool
                 score = dev_c if weight is None else dev_c * weight[rows[cand]]
+                if config.selection == "leading":
+                    score = leading_score(asm.offsets()[rows[cand]], rows[cand])
                 pick = select(config.selection, score, count, gen, sinks[rows[cand]])
                 keep = torch.cat([cand[pick], fresh.nonzero().squeeze(1)]).sort().values
         if rows.numel() == total:

@@ -2,9 +2,12 @@
 
 - `kv_deviation(k_new, v_new, k_old, v_old, kind)`: per-row L2 distance `[N]` fp32 between freshly
   computed and cached KV of the same rows (keys "k", values "v", or both "kv": sqrt of the summed squares).
-- `SELECTIONS[name](deviation, count, generator)`: indices `[count]` into the candidates, sorted
-  ascending. "deviation" takes the highest deviations (ties broken by lower index, deterministic);
-  "random" draws uniformly (the baseline a selection has to beat).
+- `SELECTIONS[name](score, count, generator)`: indices `[count]` into the candidates, sorted ascending.
+  "deviation" takes the highest scores (ties broken by lower index, deterministic), the score being the
+  KV deviation; "leading" takes the highest scores too, the score being how early the row's KV sits in
+  its passage (`leading_score`: each passage's opening tokens first); "random" draws uniformly (the
+  baseline a selection has to beat).
+- `leading_score(offsets, rows)`: that positional score.
 """
 
 from __future__ import annotations
@@ -25,9 +28,18 @@ def kv_deviation(k_new: torch.Tensor, v_new: torch.Tensor, k_old: torch.Tensor, 
     return torch.stack(parts).sum(0).sqrt()
 
 
-def _top_deviation(deviation: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    # A stable descending sort: equal deviations keep their order, so the choice is deterministic.
-    order = torch.sort(deviation.float().cpu(), descending=True, stable=True).indices
+def leading_score(offsets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[N] fp32 score of reused rows for "leading" selection: minus the position each row's KV was computed
+    at (`offsets` [N] int64, its place in its passage), so that every passage's first tokens come first;
+    rows in place (offset == row, `rows` [N] int64: the KV of the prompt's own opening, computed where it
+    stands) come last, since they have nothing to catch up on."""
+    score = -offsets.float()
+    return score.masked_fill(offsets == rows, float("-inf"))
+
+
+def _top_score(score: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    # A stable descending sort: equal scores keep their order, so the choice is deterministic.
+    order = torch.sort(score.float().cpu(), descending=True, stable=True).indices
     return order[:count].sort().values
 
 
@@ -37,7 +49,8 @@ def _random(deviation: torch.Tensor, count: int, generator: torch.Generator) -> 
 
 # name -> (deviation [N] fp32, count, generator) -> [count] int64 CPU indices into the N candidates, sorted
 SELECTIONS: dict[str, Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]] = {
-    "deviation": _top_deviation,
+    "deviation": _top_score,
+    "leading": _top_score,
     "random": _random,
 }
 

@@ -98,13 +98,16 @@ class BlendConfig:
     widen: the check layer keeps `min(1, ratio * widen)` of the reused tokens; the selection then narrows
       linearly over `filter_layers` layers down to `ratio` (gradual filtering; 1.0 / 0 = no filtering).
     deviation: what is compared: keys "k", values "v", or both "kv" (L2 over heads and dims, per token).
-    selection: "deviation" (highest deviation first) or "random" (the baseline), see `blend.select`.
+    selection: "deviation" (highest deviation first), "leading" (each passage's first tokens first, by the
+      position their KV was computed at: where a passage computed alone differs most from it in the prompt,
+      its own attention sink and the tokens that saw nothing before them), or "random" (the baseline), see
+      `blend.select`.
     sink_tokens: the first `sink_tokens` tokens of every cached passage (those stored at positions below it)
       are always among the recomputed ones (counted in the ratio): computed alone, a passage's first tokens
       are its attention sinks, which they are not in the whole prompt.
-    question_weight: rank reused tokens by `deviation * attention ** question_weight`, the attention being
-      the question's (the fresh rows after the last cached one) at the check layer, mean over heads and
-      rows; 0 ranks by deviation alone.
+    question_weight: with "deviation" selection, rank reused tokens by `deviation * attention **
+      question_weight`, the attention being the question's (the fresh rows after the last cached one) at
+      the check layer, mean over heads and rows; 0 ranks by deviation alone.
     seed: random selection's seed.
     overlap: assemble the cached KV (fetch, re-rotation) in a background thread, layer i+1 while layer i
       computes; False does it inline, first.
@@ -115,7 +118,7 @@ class BlendConfig:
     widen: float = 1.0
     filter_layers: int = 0
     deviation: Deviation = "kv"
-    selection: str = "deviation"
+    selection: str = "leading"
     sink_tokens: int = 0
     question_weight: float = 0.0
     seed: int = 0

@@ -100,7 +100,7 @@ def test_ratio_zero_equals_naive_concatenation(kind, shipped, small_models, make
 def test_selected_rows_are_the_highest_deviation_ones(shipped, make_segments):
     model = shipped[0]
     segs = _shipped_segments(shipped, make_segments)
-    res = blend(model, segs, BlendConfig(ratio=0.2, check_layer=1, deviation="kv"))
+    res = blend(model, segs, BlendConfig(ratio=0.2, check_layer=1, deviation="kv", selection="deviation"))
     rep = res.report
     reused = torch.cat([torch.full((s.tokens.numel(),), s.kv is not None) for s in segs])
     reused[-1] = False
@@ -198,7 +198,7 @@ def test_gradual_filtering_narrows_nested_selections(shipped, make_segments):
 def test_random_selection_is_a_different_choice(shipped, make_segments):
     model = shipped[0]
     segs = _shipped_segments(shipped, make_segments)
-    dev = blend(model, segs, BlendConfig(ratio=0.15))
+    dev = blend(model, segs, BlendConfig(ratio=0.15, selection="deviation"))
     rnd = blend(model, segs, BlendConfig(ratio=0.15, selection="random", seed=1))
     assert rnd.report.selected[1].numel() == dev.report.selected[1].numel()
     assert not torch.equal(rnd.report.selected[1], dev.report.selected[1])

@@ -58,7 +58,7 @@ def test_sink_tokens_are_recomputed_within_the_ratio(shipped, make_segments):
         chosen = res.report.selected[layer]
         assert chosen.numel() == round(0.1 * reused)
         assert torch.isin(sinks, chosen).all()
-    plain = blend(model, segs, BlendConfig(ratio=0.1))
+    plain = blend(model, segs, BlendConfig(ratio=0.1, selection="deviation"))
     assert not torch.isin(sinks, plain.report.selected[1]).all()  # not what the deviation alone picks
 
 
@@ -67,18 +67,18 @@ def test_sinks_are_a_passages_first_tokens_not_a_later_chunks(shipped, make_segm
     p = segs[0]
     cut = 20  # the passage as two stored chunks: the second's keys were computed at positions 20..
     two = [Segment.cached(p.tokens[:cut], p.kv[:, :, :cut], 0), Segment.cached(p.tokens[cut:], p.kv[:, :, cut:], cut)]
-    res = blend(model, two + segs[1:], BlendConfig(ratio=0.1, sink_tokens=2))
+    res = blend(model, two + segs[1:], BlendConfig(ratio=0.1, sink_tokens=2, selection="deviation"))
     chosen = res.report.selected[1]
     assert torch.isin(torch.tensor([0, 1]), chosen).all()
     assert res.report.deviation[cut] == res.report.deviation[cut]  # a reused row (not NaN)
-    ranked = blend(model, two + segs[1:], BlendConfig(ratio=0.1)).report.selected[1]
+    ranked = blend(model, two + segs[1:], BlendConfig(ratio=0.1, selection="deviation")).report.selected[1]
     assert set(chosen.tolist()) - {0, 1} <= set(ranked.tolist())  # the rest is the deviation's choice
 
 
 def test_question_weight_ranks_by_deviation_times_the_questions_attention(shipped, make_segments):
     model, segs = _prompt(shipped, make_segments)
     check = 1
-    res = blend(model, segs, BlendConfig(ratio=0.15, check_layer=check, question_weight=1.0))
+    res = blend(model, segs, BlendConfig(ratio=0.15, check_layer=check, question_weight=1.0, selection="deviation"))
     rep = res.report
     # Independent reference: below the check layer every row is computed, so the check layer's queries and
     # keys are a full prefill's; its attention (eager) from the rows after the last passage.
@@ -96,7 +96,7 @@ def test_question_weight_ranks_by_deviation_times_the_questions_attention(shippe
     others[chosen] = False
     assert chosen.numel() == round(0.15 * int(reused.sum()))
     assert score[chosen].min() >= score[others].max() * (1 - 1e-4)
-    plain = blend(model, segs, BlendConfig(ratio=0.15, check_layer=check)).report.selected[check]
+    plain = blend(model, segs, BlendConfig(ratio=0.15, check_layer=check, selection="deviation")).report.selected[check]
     assert not torch.equal(plain, chosen)
 
 
@@ -145,7 +145,36 @@ def test_recompute_reasons_are_reported(shipped):
     assert res.report.summary()["recomputed"][0] == {"row": 0, "tokens": 64, "reason": "evicted"}
 
 
-@pytest.mark.parametrize("selection", ["deviation", "random"])
+def test_leading_score_puts_early_offsets_first_and_rows_in_place_last():
+    from blend.select import leading_score
+
+    offsets = torch.tensor([0, 1, 2, 0, 1, 0, 3])
+    rows = torch.tensor([0, 1, 2, 3, 4, 5, 6])  # rows 0-2: the prompt's own opening (offset == row)
+    gen = torch.Generator().manual_seed(0)
+    score = leading_score(offsets, rows)
+    assert torch.isinf(score[:3]).all() and (score[:3] < 0).all()
+    assert select("leading", score, 3, gen).tolist() == [3, 4, 5]
+    assert select("leading", score, 2, gen).tolist() == [3, 5]  # every passage's first token before any second
+
+
+def test_leading_selection_recomputes_each_passages_first_tokens(shipped, make_segments):
+    model, segs = _prompt(shipped, make_segments)
+    assert segs[0].is_cached  # the first passage opens the prompt: its KV is computed where it stands
+    reused = sum(s.tokens.numel() for s in segs if s.is_cached)
+    res = blend(model, segs, BlendConfig(ratio=0.15, selection="leading"))
+    count = round(0.15 * reused)
+    starts = _passage_starts(segs)[1:]  # the moved passages
+    per = count // len(starts)  # each gets its first `per` tokens (the next offset's ties go to earlier rows)
+    first = torch.cat([torch.arange(r, r + per) for r in starts])
+    for layer in range(1, 4):
+        chosen = res.report.selected[layer]
+        assert chosen.numel() == count
+        assert torch.isin(first, chosen).all()
+        assert not (chosen < segs[0].tokens.numel()).any()  # nothing of the passage in place
+    assert not torch.isin(first, blend(model, segs, BlendConfig(ratio=0.15, selection="deviation")).report.selected[1]).all()
+
+
+@pytest.mark.parametrize("selection", ["deviation", "leading", "random"])
 def test_a_larger_ratio_recomputes_a_superset_of_rows(shipped, make_segments, selection):
     """More recompute never drops a row a smaller ratio recomputed: where blend at 0.30 does worse than at 0.15
     on an example, it is from the added rows, not from a different choice."""
