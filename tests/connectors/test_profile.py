@@ -29,7 +29,10 @@ def test_codebook_fingerprint_is_the_served_models(tmp_path, dtype):
     texts = tmp_path / "texts.txt"
     texts.write_text(TEXT + "\n" + TEXT.upper() + "\n")
     out = tmp_path / "codebooks"
-    assert main(["--model", "tiny", "--dtype", dtype, "--texts", str(texts), "--out", str(out), "--chunks", "2"]) == 0
+    # one window each for the sensitivity and its calibration: what this test checks is whose fingerprint
+    # the codebook carries (the defaults, 8 + 8 windows, took ~2 min per dtype on 2 cores)
+    assert main(["--model", "tiny", "--dtype", dtype, "--texts", str(texts), "--out", str(out), "--chunks", "2",
+                 "--sensitivity-contexts", "1", "--calibration-contexts", "1"]) == 0
     (path,) = out.glob("*.kvcb")
     cb = Codebook.load(path)
     served, _ = load_model("tiny", getattr(torch, dtype))
