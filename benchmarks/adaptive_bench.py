@@ -51,13 +51,14 @@ QUICK_BANDWIDTHS_GB_S = (0.05, 0.5, 5.0)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="3 bandwidths, 2 repeats")
+    ap.add_argument("--quick", action="store_true", help="3 bandwidths instead of 7")
     ap.add_argument("--json")
-    ap.add_argument("--repeats", type=int)
+    ap.add_argument("--repeats", type=int, default=7,
+                    help="loads per method and bandwidth (median); one plan's TTFT varies up to 1.8x between loads")
     ap.add_argument("--tokens", type=int, default=4096, help="context tokens (a multiple of 256)")
     add_model_option(ap)
     args = ap.parse_args()
-    repeats = args.repeats or (2 if args.quick else 3)
+    repeats = args.repeats
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     model, tok, info = load_bench_model(args.model)
     fp = model_fingerprint(model)
