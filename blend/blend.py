@@ -158,9 +158,10 @@ def _run(driver: LayerDriver, asm: KVAssembler, ids: torch.Tensor, config: Blend
                     deviation[rows[cand]] = dev_c
                     weight = _question_attention(driver, layer, q, k, known_fresh(), config.question_weight)
                     sinks = (asm.offsets() < config.sink_tokens) & ~known_fresh()  # [T] bool
-                score = dev_c if weight is None else dev_c * weight[rows[cand]]
                 if config.selection == "leading":
                     score = leading_score(asm.offsets()[rows[cand]], rows[cand])
+                else:
+                    score = dev_c if weight is None else dev_c * weight[rows[cand]]
                 pick = select(config.selection, score, count, gen, sinks[rows[cand]])
                 keep = torch.cat([cand[pick], fresh.nonzero().squeeze(1)]).sort().values
         if rows.numel() == total:

@@ -235,26 +235,30 @@ def steps(kv: torch.Tensor, level: Level, base: np.ndarray | None = None
     return x, kind, step, bits, sink_tokens(tok_sumsq, layers, n_tok)
 
 
+def _symbols(kv: torch.Tensor, level: Level, base: np.ndarray | None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """kv [L, 2, T, H, D] (CPU) -> (symbols [L * 2, T, C] uint8, step [L * 2 * C] float32, step bits uint16,
+    sink tokens int64), the steps as in `steps`."""
+    layers, _, n_tok = kv.shape[:3]
+    n_chan = kv.shape[3] * kv.shape[4]
+    x, kind, step, bits, sinks = steps(kv, level, base)
+    sym = np.empty(x.size, dtype=np.uint8)
+    _quantize(*rans.kernel_input(x, kind), n_tok, n_chan, step, level.m, sym)
+    return sym.reshape(layers * 2, n_tok, n_chan), step, bits, sinks
+
+
 def quantize(kv: torch.Tensor, level: Level, base: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """kv [L, 2, T, H, D] (CPU), base steps as in `steps` -> (symbols [L * 2, T, C] uint8, step bits
     [L * 2 * C] uint16)."""
-    layers, _, n_tok = kv.shape[:3]
-    n_chan = kv.shape[3] * kv.shape[4]
-    x, kind, step, bits, _ = steps(kv, level, base)
-    sym = np.empty(x.size, dtype=np.uint8)
-    _quantize(*rans.kernel_input(x, kind), n_tok, n_chan, step, level.m, sym)
-    return sym.reshape(layers * 2, n_tok, n_chan), bits
+    sym, _, bits, _ = _symbols(kv, level, base)
+    return sym, bits
 
 
 def reconstruct(kv: torch.Tensor, level: Level, base: np.ndarray | None = None) -> torch.Tensor:
     """kv [L, 2, T, H, D] (CPU) -> float32 KV [L, 2, T, H, D] as the codec decodes it at this level with
     `base` steps (as in `steps`; sink tokens kept as they are): what profiling measures the model on."""
-    layers, _, n_tok = kv.shape[:3]
-    n_chan = kv.shape[3] * kv.shape[4]
-    x, kind, step, _, sinks = steps(kv, level, base)
-    sym = np.empty(x.size, dtype=np.uint8)
-    _quantize(*rans.kernel_input(x, kind), n_tok, n_chan, step, level.m, sym)
-    vals = (sym.reshape(layers * 2, n_tok, n_chan).astype(np.float32) - level.m) * step.reshape(layers * 2, 1, n_chan)
+    sym, step, _, sinks = _symbols(kv, level, base)
+    vals = (sym.astype(np.float32) - level.m) * step.reshape(sym.shape[0], 1, sym.shape[2])
     out = torch.from_numpy(vals).reshape(kv.shape)
     if sinks.size:
         idx = torch.from_numpy(sinks)

@@ -8,7 +8,7 @@ Primitives:
   - `store_levels(chunks)`: each chunk encoded at every configured level and put into the tier under
     `level_key(key, level)` (copies already there are skipped);
   - `available(refs)` -> the allowed levels stored for each chunk; `leading(available)` -> how many
-    leading chunks have one;
+    leading chunks have one; `holds_every_copy(keys)` -> whether every configured copy is stored;
   - `plan(available, ...)` -> a `planner.LoadPlan` from the current figures;
   - `stream(refs, available, plan, ...)` -> an `AdaptiveStream`.
 - `adaptive_candidates(store, refs)`: what an engine's connector asks first: the allowed levels stored for
@@ -39,7 +39,7 @@ import numpy as np
 
 from kvstore.chunk import Chunk
 from kvstore.errors import ConfigError, RecordError
-from kvstore.keys import ChunkRef, level_key
+from kvstore.keys import ChunkKey, ChunkRef, level_key
 from kvstore.levels import AdaptiveConfig, make_level_codec
 from kvstore.planner import RECOMPUTE, Estimates, LoadPlan, plan_load
 from kvstore.record import decode_record, encode_record
@@ -140,12 +140,24 @@ class AdaptiveLoading:
 
     # -- planning ---------------------------------------------------------------------------------------
 
+    def _holds(self, keys: Sequence[ChunkKey], level: str) -> list[bool]:
+        """Per chunk key, whether the tier holds its copy at `level` (raises as the tier does)."""
+        return self.tier.contains([level_key(k, level) for k in keys])
+
+    def holds_every_copy(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """Per chunk key, whether the tier holds its copy at every configured level (raises as the tier does)."""
+        out = [True] * len(keys)
+        for level in self.codecs:
+            out = [o and h for o, h in zip(out, self._holds(keys, level))]
+        return out
+
     def available(self, refs: Sequence[ChunkRef]) -> list[frozenset[str]]:
         """The allowed levels the tier holds for each ref (one `contains` call per level)."""
         found: list[set[str]] = [set() for _ in refs]
+        keys = [r.key for r in refs]
         for level in self.allowed:
             try:
-                has = self.tier.contains([level_key(r.key, level) for r in refs])
+                has = self._holds(keys, level)
             except Exception as e:
                 log.warning("tier %s failed on contains: %s", self.tier.name, e)
                 continue

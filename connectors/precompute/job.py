@@ -39,7 +39,7 @@ from connectors.precompute.errors import PrecomputeError
 from connectors.precompute.manifest import ManifestChunk, ManifestHeader, ManifestRecord, ManifestWriter
 from kvstore.adaptive import AdaptiveLoading
 from kvstore.chunk import Chunk
-from kvstore.keys import DEFAULT_NAMESPACE, TOKEN_DTYPE, ChunkKey, ChunkKind, level_key, validate_namespace
+from kvstore.keys import DEFAULT_NAMESPACE, TOKEN_DTYPE, ChunkKey, ChunkKind, validate_namespace
 from kvstore.levels import AdaptiveConfig
 from kvstore.tiers.byte_tier import ByteTier
 from kvstore.tiers.base import Tier
@@ -342,10 +342,9 @@ class PrecomputeJob:
     def _present(self, keys: list[ChunkKey]) -> list[bool]:
         """Per key, whether the target holds the chunk and every one of its level copies."""
         present = self.target.contains(keys)
-        for level in self.options.levels:
-            copies = self.target.contains([level_key(k, level) for k in keys])
-            present = [p and c for p, c in zip(present, copies)]
-        return present
+        if self._copies is None:
+            return present
+        return [p and c for p, c in zip(present, self._copies.holds_every_copy(keys))]
 
     def _wait_available(self) -> None:
         """A remote tier that counts as down answers at once with nothing: wait out its pause instead."""

@@ -106,16 +106,22 @@ class WorkerSide:
             for j, (move, chunk) in enumerate(zip(batch, got)):
                 if chunk is None:
                     return b0 + j
-                try:
-                    # Synchronous to the device: the buffer is reused by the next get.
-                    src = bufs[j] if self.device.type == "cpu" else bufs[j].to(self.device)
-                    self.pages.scatter(src, self._kernel_blocks(move.block_ids))
-                except Exception as e:
-                    log.warning("kvstore: copying a loaded chunk into vLLM's blocks failed: %s", e)
+                # Synchronous to the device: the buffer is reused by the next get.
+                if not self._write(move, bufs[j], sources[j] or ""):
                     return b0 + j
-                written = sum(1 for b in move.block_ids if b >= 0) * (len(move.ref.tokens) // len(move.block_ids))
-                self.counters.add("loaded_tokens", written, sources[j] or "")
         return None
+
+    def _write(self, move, kv: torch.Tensor, source: str) -> bool:
+        """Scatter one loaded chunk's KV into the move's blocks and count its tokens; False if that failed."""
+        try:
+            src = kv if kv.device == self.device else kv.to(self.device)
+            self.pages.scatter(src, self._kernel_blocks(move.block_ids))
+        except Exception as e:
+            log.warning("kvstore: copying a loaded chunk into vLLM's blocks failed: %s", e)
+            return False
+        written = sum(1 for b in move.block_ids if b >= 0) * (len(move.ref.tokens) // len(move.block_ids))
+        self.counters.add("loaded_tokens", written, source)
+        return True
 
     def _load_adaptive(self, moves) -> tuple[int | None, int]:
         """Load the leading `moves` that have level copies, as the planner says: (the index of the first
@@ -132,17 +138,10 @@ class WorkerSide:
         stop = None
         try:
             for i, chunk in stream:
-                if chunk is None or tuple(chunk.kv.shape) != self.chunk_shape or chunk.kv.dtype != self.dtype:
+                if (chunk is None or tuple(chunk.kv.shape) != self.chunk_shape or chunk.kv.dtype != self.dtype
+                        or not self._write(moves[i], chunk.kv, adaptive.tier.name)):
                     stop = i
                     break
-                try:
-                    self.pages.scatter(chunk.kv.to(self.device), self._kernel_blocks(moves[i].block_ids))
-                except Exception as e:
-                    log.warning("kvstore: copying a loaded chunk into vLLM's blocks failed: %s", e)
-                    stop = i
-                    break
-                written = sum(1 for b in moves[i].block_ids if b >= 0) * (len(moves[i].ref.tokens) // len(moves[i].block_ids))
-                self.counters.add("loaded_tokens", written, adaptive.tier.name)
         finally:
             report = stream.report()
         for level, count in report.chunks_by_level.items():
