@@ -17,9 +17,12 @@ Primitives:
 - `AdaptiveStream`: a fetcher thread requests the planned copies one by one (record bytes over the
   tier's link, timed); iterating the stream decodes each in order on the caller's thread (timed) and
   yields `(index, Chunk | None)`, None for a copy that could not be had (missing, corrupt, wrong tokens:
-  the stream ends there, the caller recomputes from it). After each chunk, when that transfer's
-  bandwidth differs from the figure the plan was made with by more than `replan_threshold`, the chunks
-  the fetcher has not requested yet are planned again (another level, or recomputed as a tail).
+  the stream ends there, the caller recomputes from it). After each chunk, when this load's own
+  bandwidth (its transfers' bytes over their seconds, each earlier transfer weighing `RECENT_DECAY` times
+  the next) differs from the figure the plan was made with by more than `replan_threshold`, the chunks
+  the fetcher has not requested yet are planned again (another level, or recomputed as a tail) with this
+  load's figure: a link that changed between loads is re-planned for once, not chased through the
+  moving average that the next load starts from, and a slower link shows at once (its seconds dominate).
   `report()` -> `AdaptiveReport`, the decisions (also counted in `stats()`).
 
 Guarantees: a copy's token ids are checked against the ref's (a mismatch is a miss); a chunk is only
@@ -32,7 +35,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -52,6 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FETCH_AHEAD = 2  # fetched copies waiting for their decode: the decisions stay late, memory stays small
+RECENT_DECAY = 0.5  # a load's own bandwidth: the weight of each transfer against the one after it
 FAILED = "failed"  # the action of a chunk whose copy could not be had (recomputed with the rest)
 
 
@@ -239,6 +243,8 @@ class _State:
     next: int  # the next chunk the fetcher requests
     plan_bandwidth: float | None
     replans: int = 0
+    recent_bytes: float = 0.0  # this load's transfers, decayed by RECENT_DECAY each (its own bandwidth)
+    recent_seconds: float = 0.0
     stop: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -313,9 +319,9 @@ class AdaptiveStream:
                 self._fail(item.index)
                 yield item.index, None
                 return
-            rate = est.observe_fetch(len(item.data), item.seconds)
+            est.observe_fetch(len(item.data), item.seconds)
             self.loading.counters.add(fetched_chunks=1)
-            self._maybe_replan(rate)
+            self._maybe_replan(len(item.data), item.seconds)
             yield item.index, chunk
 
     def _decode(self, item: _Fetched) -> Chunk | None:
@@ -345,12 +351,17 @@ class AdaptiveStream:
             st.fetch_end = index
         self.loading.counters.add(fetch_failures=1)
 
-    def _maybe_replan(self, rate: float | None) -> None:
+    def _maybe_replan(self, nbytes: int, seconds: float) -> None:
         st = self._state
-        base = st.plan_bandwidth
-        if rate is None or (base is not None and abs(rate / base - 1) <= self.loading.config.replan_threshold):
+        st.recent_bytes = st.recent_bytes * RECENT_DECAY + nbytes
+        st.recent_seconds = st.recent_seconds * RECENT_DECAY + seconds
+        if st.recent_bytes <= 0 or st.recent_seconds <= 0:
             return
-        figures = self.loading.estimates.figures()
+        rate = st.recent_bytes / st.recent_seconds
+        base = st.plan_bandwidth
+        if base is not None and abs(rate / base - 1) <= self.loading.config.replan_threshold:
+            return
+        figures = replace(self.loading.estimates.figures(), bandwidth=rate)
         with st.lock:
             first = st.next  # the chunks from here on are not requested yet
             n = len(st.actions)

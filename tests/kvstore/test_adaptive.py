@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks.paced import PacedTier
 from codec import make_codec
-from kvstore.adaptive import FAILED, AdaptiveLoading
+from kvstore.adaptive import FAILED, FETCH_AHEAD, AdaptiveLoading
 from kvstore.config import build_store, load_config
 from kvstore.errors import ConfigError
 from kvstore.keys import ChunkKind, chunk_refs, level_key
@@ -71,6 +71,24 @@ def test_a_load_replans_when_the_bandwidth_drops(tmp_path, chunks):
     stats = ad.stats()
     assert stats["fetched_chunks"] == N and stats["replans"] == report.replans
     assert sum(stats["chunks_by_level"].values()) == N
+
+
+def test_a_link_that_changed_between_loads_is_replanned_for_once(tmp_path, chunks):
+    """The estimate from earlier loads says fast; this load's link is steadily slow: its first transfer
+    shows it, and the rest of the load is planned once from this load's own figure (a moving average
+    from the stale figure would halve its way down and re-plan at every chunk)."""
+    refs, cs = chunks
+    ad, tier = loading(tmp_path, rate=2e5)
+    ad.store_levels(cs)
+    ad.estimates.observe_fetch(1 << 30, 1.0)
+    avail = ad.available(refs)
+    plan = ad.plan(avail, chunk_tokens=SHAPE[2], kv_bytes=cs[0].nbytes)
+    assert plan.actions() == ["raw"] * N
+    stream = ad.stream(refs, avail, plan, chunk_tokens=SHAPE[2], kv_bytes=cs[0].nbytes)
+    assert all(chunk is not None for _, chunk in stream)
+    report = stream.report()
+    assert report.replans == 1
+    assert report.actions.count("int8") >= N - 1 - FETCH_AHEAD  # all but what was requested before it knew
 
 
 def test_fetched_copies_are_exact_for_a_lossless_level(tmp_path, chunks):
