@@ -138,9 +138,13 @@ class KVStoreConnector(KVConnectorBase_V1):
                  head_dim, first.dtype, self.worker.fingerprint, [t.name for t in self.store.tiers])
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        if self.worker is None:
+            return
         plan = self._plan()
-        if plan is not None and plan.loads and self.worker is not None:
+        if plan is not None and plan.loads:
             self.worker.load(plan)
+        meta = self._connector_metadata
+        self.worker.forward_started(meta.scheduled_tokens if isinstance(meta, StepPlan) else 0)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are synchronous (start_load_kv)
@@ -149,8 +153,11 @@ class KVStoreConnector(KVConnectorBase_V1):
         return  # saves copy all layers at once in wait_for_save
 
     def wait_for_save(self) -> None:
+        if self.worker is None:
+            return
+        self.worker.forward_finished()
         plan = self._plan()
-        if plan is not None and self.worker is not None and (plan.saves or plan.loads):
+        if plan is not None and (plan.saves or plan.loads):
             self.worker.save(plan)
 
     def _plan(self) -> StepPlan | None:

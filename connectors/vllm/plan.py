@@ -5,7 +5,9 @@
   blocks of vLLM's own local hit before a mid-chunk start).
 - `RequestLoad` / `RequestSave`: a request's chunks to load before this step's forward, or to save
   after it (only chunks whose every token is computed by the end of the step).
-- `StepPlan`: all of a step's loads and saves; empty on decode steps, so every worker hook returns at once.
+- `StepPlan`: all of a step's loads and saves (empty on decode steps, so the load and save hooks return
+  at once), and how many tokens the step's forward computes (`scheduled_tokens`: the workers time the
+  forwards that prefill at least a chunk, which gives adaptive loading the engine's prefill speed).
 Keys in the plan carry the scheduler's fingerprint (tensor-parallel rank 0); each worker re-keys them
 with its own rank's fingerprint (`rekey`): the chunk hash depends on the tokens only.
 """
@@ -48,6 +50,7 @@ class RequestSave:
 class StepPlan(_Metadata):
     loads: list[RequestLoad] = field(default_factory=list)
     saves: list[RequestSave] = field(default_factory=list)
+    scheduled_tokens: int = 0  # tokens this step's forward computes, every request together
 
     def is_empty(self) -> bool:
         return not self.loads and not self.saves

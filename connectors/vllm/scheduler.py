@@ -133,7 +133,7 @@ class SchedulerSide:
 
     def plan(self, so) -> StepPlan:
         """The loads and saves of the step that `so` (a vLLM SchedulerOutput) describes."""
-        plan = StepPlan()
+        plan = StepPlan(scheduled_tokens=so.total_num_scheduled_tokens)
         for new in so.scheduled_new_reqs:
             state = self._admitted.pop(new.req_id, None) or _Request(None)
             state.block_ids = list(new.block_ids[0]) if new.block_ids else []

@@ -15,9 +15,12 @@
 - Adaptive loading (`[adaptive]` configured, level copies stored: `kvstore.adaptive`): a request's
   leading chunks that have level copies are loaded by the planner's stream, each at the level it picks
   from the measured bandwidth and decode speeds (re-planning as chunks arrive), scattered into the blocks
-  as they are decoded; chunks after them take the ordinary path. A chunk the planner chooses to recompute
-  (only once a prefill speed is measured; this worker does not measure one) is reported through
-  `take_invalid_blocks` like a failed one and counted as `adaptive_recomputed_chunks`, not as a failure.
+  as they are decoded; chunks after them take the ordinary path. The planner may recompute a tail of
+  them instead (vLLM computes after the loads, so never a head), once it knows the engine's prefill
+  speed: `forward_started` / `forward_finished` time each forward that computes at least a chunk's
+  tokens (CUDA events on a GPU, read a step later; the clock on a CPU). A tail it recomputes is
+  reported through `take_invalid_blocks` like a failed load and counted as `adaptive_recomputed_chunks`,
+  not as a failure.
   Saves also store each chunk at every configured level. Decisions: `adaptive_chunks{level}`,
   `adaptive_replans` (metrics).
 - Decode steps plan nothing, so both calls return at once.
@@ -29,6 +32,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -45,6 +49,13 @@ log = logging.getLogger(__name__)
 
 LOAD_BATCH = 8  # chunks per store get: bounds the load buffer (8 x one chunk of all layers)
 FREE_BUFFER_BYTES = 256 << 20  # save buffers kept for reuse between steps
+
+
+@dataclass(slots=True)
+class _Forward:
+    tokens: int
+    start: float | torch.cuda.Event  # the clock on a CPU, an event on a GPU
+    end: float | torch.cuda.Event | None = None
 
 
 class WorkerSide:
@@ -69,7 +80,48 @@ class WorkerSide:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvstore-vllm-save")
         self._invalid: set[int] = set()
         self._failed_now: set[str] = set()  # requests whose load failed in the current step
+        self._forward: _Forward | None = None  # the forward being timed (the engine's prefill speed)
         self._closed = False
+
+    # -- the engine's prefill speed (what adaptive loading weighs a recompute by) ---------------------
+
+    def forward_started(self, tokens: int) -> None:
+        """The step's forward starts and computes `tokens` (every request together): timed when that is at
+        least a chunk and adaptive loading may recompute."""
+        self._observe_forward()
+        adaptive = self.store.adaptive
+        if adaptive is None or not adaptive.config.recompute or tokens < self.chunk_shape[2]:
+            return
+        if self.device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            self._forward = _Forward(tokens, start)
+        else:
+            self._forward = _Forward(tokens, time.perf_counter())
+
+    def forward_finished(self) -> None:
+        f = self._forward
+        if f is None or f.end is not None:
+            return
+        if isinstance(f.start, float):
+            f.end = time.perf_counter()
+        else:  # read once the GPU is through it (a later step), never waited for here
+            f.end = torch.cuda.Event(enable_timing=True)
+            f.end.record()
+        self._observe_forward()
+
+    def _observe_forward(self) -> None:
+        f = self._forward
+        if f is None or f.end is None:
+            return
+        if isinstance(f.start, float):
+            seconds = f.end - f.start
+        elif f.end.query():
+            seconds = f.start.elapsed_time(f.end) / 1e3
+        else:
+            return
+        self._forward = None
+        self.store.adaptive.observe_prefill(f.tokens, seconds)
 
     # -- load ----------------------------------------------------------------------------------------
 

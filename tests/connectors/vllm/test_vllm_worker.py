@@ -3,6 +3,8 @@ laid out like vLLM's "vec" ISA (K transposed per page), without an engine."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -224,4 +226,37 @@ def test_adaptive_loads_pick_levels_and_count_them(tmp_path):
         stats = r.counters.take()
         assert stats["adaptive_chunks|raw"] == 3 and stats["loaded_tokens|disk"] == 24
         assert store.stats()["adaptive"]["chunks_by_level"] == {"raw": 3}
+        r.close()
+
+
+def test_a_timed_forward_gives_the_prefill_speed_and_a_slow_link_recomputes_the_tail(tmp_path):
+    settings = {"disk.path": str(tmp_path), "memory.capacity": "16MiB", "chunk_tokens": str(C), "disk.codec": "zstd",
+                "adaptive.levels": "int8,raw"}
+    _, src = caches(seed=6)
+    toks = list(range(400, 424))  # three chunks
+    with build_store(load_config(env={}, overrides=settings)) as store:
+        w = make_worker(store, src)
+        w.save(StepPlan(saves=[RequestSave("a", moves(toks, [3, 4, 5, 6, 7, 8]))]))
+        assert w.flush(10)
+        w.close()
+    with build_store(load_config(env={}, overrides=settings)) as store:
+        dst_buf, dst = caches()
+        r = make_worker(store, dst)
+        estimates = store.adaptive.estimates
+        r.forward_started(C - 1)  # less than a chunk (a decode step, say): not timed
+        r.forward_finished()
+        assert estimates.figures().prefill is None
+        r.forward_started(64 * C)
+        time.sleep(0.01)
+        r.forward_finished()
+        prefill = estimates.figures().prefill
+        assert prefill is not None and 0 < prefill <= 64 * C / 0.01
+        # A link measured at 1 KB/s: recomputing the chunks (a tail: vLLM computes after the loads) is
+        # faster than fetching any of them, so every block is handed back for vLLM to recompute.
+        estimates.observe_fetch(1000, 1.0)
+        r.load(StepPlan(loads=[RequestLoad("b", moves(toks, [9, 10, 11, 12, 13, 14]))]))
+        assert r.take_invalid_blocks() == set(range(9, 15))
+        assert not dst_buf.any()
+        stats = r.counters.take()
+        assert stats["adaptive_recomputed_chunks|"] == 3 and "load_failures|" not in stats
         r.close()
