@@ -174,7 +174,6 @@ def test_a_hung_tier_costs_a_bounded_wait_then_a_reported_recompute(tmp_path):
     """A Redis that accepts connections and never answers: the load waits one socket timeout, reports
     every planned block, and the next load within `retry_after` does not wait at all."""
     import socket
-    import time
 
     from kvstore.store import TieredStore
     from kvstore.tiers import MemoryTier, RedisTier
