@@ -1,13 +1,15 @@
 """Adaptive loading vs each fixed codec level vs recompute: TTFT over a link of 0.05 to 5 GB/s.
 
     python -m benchmarks.adaptive_bench [--quick] [--json PATH] [--repeats N] [--tokens N] [--model tiny]
+        [--link disk|sidecar]
 
 A context of 4K tokens (`--tokens`) of real text plus a 16-token question, on SmolLM2-135M-Instruct by
 default (float32, as the other benchmarks). Its chunks are stored once, by `HFConnector` itself (whose
 first, full prefill is also what measures the model's prefill speed), in a disk tier at every level of
 `LEVELS` under their level keys. The link is a `benchmarks.paced.PacedTier` over that disk tier: real
 records read from the disk tier (page cache warm), each transfer paced as a token bucket of the link's
-rate, transfers sharing the link. TTFT = `HFConnector.prefill` from token ids to the first token's logits:
+rate, transfers sharing the link. `--link sidecar` puts the copies in a real `kvstore serve` over loopback
+HTTP instead (its own disk tier), and paces the engine's sidecar client the same way: a throttled sidecar. TTFT = `HFConnector.prefill` from token ids to the first token's logits:
 - recompute: a full prefill (no stored KV), the same at every bandwidth;
 - fixed <level>: every chunk fetched at that level (`[adaptive]` with that one level, recompute off);
 - adaptive: the planner over every level and recompute (floor: the least faithful level), with the
@@ -30,23 +32,27 @@ import shutil
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from benchmarks.common import add_model_option, load_bench_model, print_table, write_json
 from benchmarks.paced import PacedTier
+from benchmarks.servers import start_sidecar
 from benchmarks.ttft_bench import _context_ids
 from codec import make_codec
 from connectors.hf import HFConnector, model_fingerprint
 from kvstore.adaptive import AdaptiveLoading
+from kvstore.keys import DEFAULT_NAMESPACE
 from kvstore.levels import LOSSLESS_FLOOR, AdaptiveConfig
 from kvstore.store import TieredStore
-from kvstore.tiers import DiskTier, MemoryTier
+from kvstore.tiers import DiskTier, MemoryTier, SidecarTier
 
 CHUNK = 256
 LEVELS = ("cachegen:1", "cachegen:2", "cachegen:3", "int8", "zstd")  # least faithful first
 BANDWIDTHS_GB_S = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 QUICK_BANDWIDTHS_GB_S = (0.05, 0.5, 5.0)
+LINKS = {"disk": "disk tier (page cache warm)", "sidecar": "kvstore serve sidecar (loopback HTTP, its disk tier)"}
 
 
 def main() -> None:
@@ -56,6 +62,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7,
                     help="loads per method and bandwidth (median); one plan's TTFT varies up to 1.8x between loads")
     ap.add_argument("--tokens", type=int, default=4096, help="context tokens (a multiple of 256)")
+    ap.add_argument("--link", choices=("disk", "sidecar"), default="disk",
+                    help="where the copies are: a disk tier, or a `kvstore serve` sidecar over loopback HTTP")
     add_model_option(ap)
     args = ap.parse_args()
     repeats = args.repeats
@@ -64,7 +72,12 @@ def main() -> None:
     fp = model_fingerprint(model)
     ids = _context_ids(args.model, tok, args.tokens)
     root = tempfile.mkdtemp(prefix="adaptive-bench-")
-    disk = DiskTier(root, 1 << 36, make_codec("zstd"), fsync=False)
+    sidecar = None
+    if args.link == "sidecar":
+        sidecar, token, _ = start_sidecar(Path(root), "sidecar", memory=False, namespaces=(DEFAULT_NAMESPACE,))
+        disk = SidecarTier(sidecar.url, token, make_codec("zstd"), timeout=60)
+    else:
+        disk = DiskTier(root, 1 << 36, make_codec("zstd"), fsync=False)
     link = PacedTier(disk, 1e12)
 
     def loader(levels, floor="", recompute=True) -> HFConnector:
@@ -73,7 +86,8 @@ def main() -> None:
                            store_new=False)
 
     print(f"{info['model']} ({info['model_layers']} layers, float32), {torch.get_num_threads()} threads, "
-          f"{len(ids)} tokens, chunks of {CHUNK}, {repeats} repeats, load average {_loadavg()}")
+          f"{len(ids)} tokens, chunks of {CHUNK}, {repeats} repeats, link over a {args.link} tier, "
+          f"load average {_loadavg()}")
     adaptive = loader(LEVELS)
     # Store the context's chunks at every level, the way a serving connector does on its first request.
     t = time.perf_counter()
@@ -143,9 +157,12 @@ def main() -> None:
     results.update(adaptive_worst_ratio_to_best_fixed=worst, adaptive_lossless_worst_ratio_to_best_fixed=worst_lossless,
                    adaptive_worst_ratio_to_best_fixed_min_of_repeats=worst_min,
                    lossless_first_token_identical=int(lossless_same), load_average=_loadavg(),
-                   link="benchmarks.paced.PacedTier over a disk tier (page cache warm): token-bucket paced reads")
+                   link=f"benchmarks.paced.PacedTier over a {LINKS[args.link]}: token-bucket paced reads")
     print(f"adaptive / best fixed, worst over bandwidths: {worst:.3f} (min of repeats: {worst_min:.3f}; lossless "
           f"floor: {worst_lossless:.3f}); load average {_loadavg()}")
+    if sidecar is not None:
+        disk.close()
+        sidecar.kill()
     shutil.rmtree(root, ignore_errors=True)
     write_json(args.json, results)
 

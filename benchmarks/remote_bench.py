@@ -19,7 +19,6 @@ ratio = ceiling time / our time. Records of 32 MiB (`[32, 2, 256, 8, 128]` fp16)
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import tempfile
 import threading
@@ -29,11 +28,10 @@ from pathlib import Path
 import numpy as np
 import redis
 import torch
-import urllib3
 import xxhash
 
 from benchmarks.common import paired, print_table, write_json
-from benchmarks.servers import RedisServer, ServeProcess, SocketCeiling
+from benchmarks.servers import RedisServer, SocketCeiling, start_sidecar
 from codec import make_codec
 from kvstore.chunk import Chunk
 from kvstore.keys import chunk_refs
@@ -70,18 +68,6 @@ def bench_redis(url: str, shape, repeats: int, seed: int) -> dict:
     tier.close()
     raw.flushall()
     return {"bytes": len(value), "put_s": put_s, "raw_put_s": raw_put_s, "get_s": get_s, "raw_get_s": raw_get_s}
-
-
-def start_sidecar(workdir: Path, name: str, memory: bool) -> tuple[ServeProcess, str, str]:
-    """(process, token, durability it acknowledges puts with)."""
-    token = "bench-token"
-    tokens = workdir / "tokens.toml"
-    tokens.write_text(f'[tokens]\n"{token}" = ["bench", "load"]\n')
-    sets = {"disk.path": str(workdir / name), "server.tokens_file": str(tokens), "server.max_body_bytes": "256MiB"}
-    sets.update({"memory.capacity": "2GiB"} if memory else {"memory.enabled": "false"})
-    proc = ServeProcess(sets).start()
-    health = json.loads(urllib3.request("GET", f"{proc.url}/healthz").data)
-    return proc, token, health["durability"]
 
 
 def bench_sidecar(url: str, token: str, ceiling: SocketCeiling, redis_url: str, files: Path, shape, repeats: int,

@@ -1,5 +1,5 @@
 """Real servers for tests and benchmarks on free loopback ports: Redis (a node, a 3-node cluster),
-`kvstore serve` in a subprocess (`ServeProcess`), and the loopback ceiling (`SocketCeiling`: one socket
+`kvstore serve` in a subprocess (`ServeProcess`; `start_sidecar`: one with a token and a disk tier), and the loopback ceiling (`SocketCeiling`: one socket
 moving the same bytes to and from another process, nothing else).
 
 Each server runs from a temp directory with persistence off and is stopped (SIGKILL if need be) when the
@@ -10,6 +10,7 @@ The cluster is formed with plain cluster commands (MEET, ADDSLOTSRANGE), so no `
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -239,3 +240,17 @@ class SocketCeiling:
             self.sock.close()
         self.proc.kill()
         self.proc.wait(5)
+
+
+def start_sidecar(workdir: Path, name: str, memory: bool, namespaces: tuple[str, ...] = ("bench", "load")
+                  ) -> tuple[ServeProcess, str, str]:
+    """A sidecar whose disk tier is `workdir / name` and whose one token may use `namespaces` (with a
+    memory tier or without): (process, token, durability it acknowledges puts with)."""
+    token = "bench-token"
+    tokens = workdir / f"{name}-tokens.toml"
+    tokens.write_text(f'[tokens]\n"{token}" = {json.dumps(list(namespaces))}\n')
+    sets = {"disk.path": str(workdir / name), "server.tokens_file": str(tokens), "server.max_body_bytes": "256MiB"}
+    sets.update({"memory.capacity": "2GiB"} if memory else {"memory.enabled": "false"})
+    proc = ServeProcess(sets).start()
+    health = json.loads(urllib3.request("GET", f"{proc.url}/healthz").data)
+    return proc, token, health["durability"]
