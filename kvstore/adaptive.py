@@ -23,6 +23,8 @@ Primitives:
   the fetcher has not requested yet are planned again (another level, or recomputed as a tail) with this
   load's figure: a link that changed between loads is re-planned for once, not chased through the
   moving average that the next load starts from, and a slower link shows at once (its seconds dominate).
+  A chunk fetched at a lossless level is exact, so the store promotes it into its faster tiers like any
+  hit (`promote`, set by the owning store); a lossy one never is (a faster tier holds exact KV only).
   `report()` -> `AdaptiveReport`, the decisions (also counted in `stats()`).
 
 Guarantees: a copy's token ids are checked against the ref's (a mismatch is a miss); a chunk is only
@@ -36,7 +38,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -96,6 +98,8 @@ class AdaptiveLoading:
         self.codecs = {level: make_level_codec(level) for level in config.levels}
         self.estimates = Estimates()
         self.counters = AdaptiveCounters()
+        # Set by the store that owns this: where exact loads (a lossless level's copy) are promoted to.
+        self.promote: Callable[[Sequence[Chunk], Tier], None] | None = None
         self._by_level: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -321,6 +325,8 @@ class AdaptiveStream:
                 return
             est.observe_fetch(len(item.data), item.seconds)
             self.loading.counters.add(fetched_chunks=1)
+            if self.loading.promote is not None and self.loading.codecs[item.level].lossless:
+                self.loading.promote([chunk], self.loading.tier)
             self._maybe_replan(len(item.data), item.seconds)
             yield item.index, chunk
 

@@ -84,6 +84,8 @@ class TieredStore:
         self.max_pending_bytes = max_pending_bytes
         self.counters = StoreCounters()
         self.adaptive = adaptive
+        if adaptive is not None:
+            adaptive.promote = self._promote_exact_copies
         # One writer per slower tier, one job at a time each, in order.
         self._writers = [BoundedWriter(f"kvstore-{t.name}", max_pending_bytes=max_pending_bytes) for t in self.tiers[1:]]
         # Chunks evicted from the first tier whose write-back has not landed yet: still served from here,
@@ -191,15 +193,26 @@ class TieredStore:
                     promote.append(chunk)
                     if sources is not None:
                         sources[i] = tier.name
-            if level and promote and self.promote_on_hit:
-                for faster in self.tiers[:level]:
-                    try:
-                        faster.put(promote)
-                    except Exception as e:
-                        log.warning("promotion into tier %s failed: %s", faster.name, e)
-                self.counters.add(promotions=len(promote))
+            self._promote(promote, level)
             todo = still
         return results
+
+    def _promote(self, chunks: Sequence[Chunk], level: int) -> None:
+        """Copy chunks found in tier `level` into the faster tiers (with `promote_on_hit`)."""
+        if not level or not chunks or not self.promote_on_hit:
+            return
+        for faster in self.tiers[:level]:
+            try:
+                faster.put(chunks)
+            except Exception as e:
+                log.warning("promotion into tier %s failed: %s", faster.name, e)
+        self.counters.add(promotions=len(chunks))
+
+    def _promote_exact_copies(self, chunks: Sequence[Chunk], tier: Tier) -> None:
+        """Adaptive loading's exact loads (a lossless level's copy, fetched from `tier`): promoted like hits,
+        so the next load of those chunks is a hit in a faster tier."""
+        level = next((i for i, t in enumerate(self.tiers) if t is tier), 0)
+        self._promote(chunks, level)
 
     # -- put -----------------------------------------------------------------------------------------
 

@@ -104,6 +104,30 @@ def test_fetched_copies_are_exact_for_a_lossless_level(tmp_path, chunks):
     assert stream.report().actions == ["raw"] * N
 
 
+@pytest.mark.parametrize("floor,promoted", [("lossless", True), ("int8", False)])  # promoted: every chunk
+def test_exact_loads_are_promoted_into_the_memory_tier_and_lossy_ones_never(tmp_path, chunks, floor, promoted):
+    refs, cs = chunks
+    settings = {"disk.path": str(tmp_path), "memory.capacity": "16MiB", "chunk_tokens": str(SHAPE[2]),
+                "disk.codec": "zstd", "adaptive.levels": "int8,raw", "adaptive.floor": floor,
+                "adaptive.recompute": "false"}
+    with build_store(load_config(env={}, overrides=settings)) as store:
+        ad = store.adaptive
+        ad.store_levels(cs)
+        ad.estimates.observe_fetch(1 << 10, 1.0)  # a slow link: the lossy floor takes int8
+        avail = ad.available(refs)
+        stream = ad.stream(refs, avail, ad.plan(avail, chunk_tokens=SHAPE[2], kv_bytes=cs[0].nbytes),
+                           chunk_tokens=SHAPE[2], kv_bytes=cs[0].nbytes)
+        assert all(chunk is not None for _, chunk in stream)
+        actions = stream.report().actions
+        assert ("int8" in actions) != promoted  # planned at 1 KB/s: the first chunks are int8 at a lossy floor
+        memory = store.tiers[0]
+        exact = [a == "raw" for a in actions]
+        assert memory.contains([r.key for r in refs]) == exact  # the raw copies, never the int8 ones
+        got = memory.get([r.key for r, e in zip(refs, exact) if e])
+        assert all(np.array_equal(g.kv.numpy(), c.kv.numpy()) for g, c in zip(got, [c for c, e in zip(cs, exact) if e]))
+        assert store.stats()["store"]["promotions"] == sum(exact)
+
+
 def test_a_missing_copy_ends_the_stream_and_the_rest_is_recomputed(tmp_path, chunks):
     refs, cs = chunks
     ad, tier = loading(tmp_path, levels=("raw",))
