@@ -201,22 +201,32 @@ def test_a_hung_tier_costs_a_bounded_wait_then_a_reported_recompute(tmp_path):
     hung.close()
 
 
-def test_adaptive_loads_pick_levels_and_count_them(tmp_path):
-    from kvstore.keys import level_key
+def adaptive_settings(tmp_path, **extra) -> dict:
+    return {"disk.path": str(tmp_path), "memory.capacity": "16MiB", "chunk_tokens": str(C), "disk.codec": "zstd",
+            "adaptive.levels": "int8,raw", **extra}
 
-    settings = {"disk.path": str(tmp_path), "memory.capacity": "16MiB", "chunk_tokens": str(C), "disk.codec": "zstd",
-                "adaptive.levels": "int8,raw", "adaptive.floor": "lossless"}
-    src_buf, src = caches(seed=5)
-    toks = list(range(300, 324))  # three chunks
+
+def save_three_chunks(settings: dict, toks: list[int], seed: int) -> torch.Tensor:
+    """A worker saves the three chunks of `toks` from blocks 3-8 of random caches (returned); closed after."""
+    src_buf, src = caches(seed=seed)
     with build_store(load_config(env={}, overrides=settings)) as store:
         w = make_worker(store, src)
         w.save(StepPlan(saves=[RequestSave("a", moves(toks, [3, 4, 5, 6, 7, 8]))]))
         assert w.flush(10)
-        keys = [m.ref.key for m in moves(toks, [0] * 6)]
-        assert all(store.tiers[-1].contains([level_key(k, "int8") for k in keys]))  # saved at every level
         w.close()
+    return src_buf
+
+
+def test_adaptive_loads_pick_levels_and_count_them(tmp_path):
+    from kvstore.keys import level_key
+
+    settings = adaptive_settings(tmp_path, **{"adaptive.floor": "lossless"})
+    toks = list(range(300, 324))  # three chunks
+    src_buf = save_three_chunks(settings, toks, seed=5)
     # Another worker (its memory tier empty): the leading chunks load adaptively, at the lossless level.
     with build_store(load_config(env={}, overrides=settings)) as store:
+        keys = [m.ref.key for m in moves(toks, [0] * 6)]
+        assert all(store.tiers[-1].contains([level_key(k, "int8") for k in keys]))  # saved at every level
         dst_buf, dst = caches()
         r = make_worker(store, dst)
         r.load(StepPlan(loads=[RequestLoad("b", moves(toks, [9, 10, 11, 12, 13, 14]))]))
@@ -229,15 +239,9 @@ def test_adaptive_loads_pick_levels_and_count_them(tmp_path):
 
 
 def test_a_timed_forward_gives_the_prefill_speed_and_a_slow_link_recomputes_the_tail(tmp_path):
-    settings = {"disk.path": str(tmp_path), "memory.capacity": "16MiB", "chunk_tokens": str(C), "disk.codec": "zstd",
-                "adaptive.levels": "int8,raw"}
-    _, src = caches(seed=6)
+    settings = adaptive_settings(tmp_path)
     toks = list(range(400, 424))  # three chunks
-    with build_store(load_config(env={}, overrides=settings)) as store:
-        w = make_worker(store, src)
-        w.save(StepPlan(saves=[RequestSave("a", moves(toks, [3, 4, 5, 6, 7, 8]))]))
-        assert w.flush(10)
-        w.close()
+    save_three_chunks(settings, toks, seed=6)
     with build_store(load_config(env={}, overrides=settings)) as store:
         dst_buf, dst = caches()
         r = make_worker(store, dst)
