@@ -66,7 +66,7 @@ class AdaptiveCounters(Counters):
     loads: int = 0  # planned loads
     fetched_chunks: int = 0  # chunks fetched and decoded (per level: `chunks_by_level`)
     recomputed_chunks: int = 0  # chunks the plans chose to recompute
-    replans: int = 0  # plans made again during a load after the measured bandwidth moved
+    replans: int = 0  # plans changed during a load after the measured bandwidth moved
     fetch_failures: int = 0  # copies the lookup found that could not be had (recomputed)
     copies_stored: int = 0  # level copies put into the tier
     copies_failed: int = 0  # level copies the tier refused or that failed to encode
@@ -78,7 +78,7 @@ class AdaptiveReport:
 
     actions: list[str]  # per chunk: its level, "recompute", or "failed"
     planned_s: float  # the first plan's time estimate
-    replans: int = 0
+    replans: int = 0  # times the load's remaining plan changed (the bandwidth moved enough to change it)
     bandwidth: float | None = None  # bytes/s, the estimate after the load
     floor: str = ""
 
@@ -379,10 +379,11 @@ class AdaptiveStream:
             plan = plan_load(self.available[first:], self.loading.allowed, chunk_tokens=self.chunk_tokens,
                              kv_bytes=self.kv_bytes, figures=figures, recompute=self.loading.config.recompute,
                              head=False, cpu_start=cpu_start)
-            st.actions[first:] = plan.actions()
-            st.fetch_end = first + len(plan.levels)
             st.plan_bandwidth = figures.bandwidth
-            st.replans += 1
+            if plan.actions() != st.actions[first:]:
+                st.actions[first:] = plan.actions()
+                st.fetch_end = first + len(plan.levels)
+                st.replans += 1
 
     def close(self) -> None:
         """Stop the fetcher (a caller that stops iterating early must call this)."""

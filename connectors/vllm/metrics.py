@@ -55,7 +55,7 @@ _HELP = {
     "tier_put_seconds": "Seconds in a store tier's puts.",
     "adaptive_chunks": "Chunks an adaptive load fetched, by codec level (in the tier label).",
     "adaptive_recomputed_chunks": "Chunks an adaptive load chose to recompute rather than fetch.",
-    "adaptive_replans": "Adaptive load plans made again after the measured bandwidth changed.",
+    "adaptive_replans": "Adaptive load plans changed during a load after the measured bandwidth moved.",
 }
 _TIER_FIELDS = {"hits": "tier_hits", "misses": "tier_misses", "errors": "tier_errors", "corrupt": "tier_corrupt",
                 "bytes_read": "tier_bytes_read", "bytes_written": "tier_bytes_written",
