@@ -49,6 +49,12 @@ class Codec(ABC):
         """This codec at `level`, for codecs that have levels; the others raise `CodecError`."""
         raise CodecError(f"codec {cls.name!r} takes no level")
 
+    def nominal_bits(self, element_bits: int) -> float:
+        """Bits per element that a record of this codec is expected to take for KV of `element_bits`, before
+        one is measured (adaptive loading plans with it until it has fetched or encoded this codec's
+        records); by default the element's own size."""
+        return float(element_bits)
+
     def bind(self, fingerprint: str) -> "Codec":
         """The codec to encode chunks of the model with this fingerprint. Most codecs ignore it; `cachegen`
         returns itself with that model's codebook, whose digest its `params()` then carry."""

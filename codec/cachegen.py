@@ -34,6 +34,9 @@ from codec.codebook import Codebook, codebooks, missing_codebooks
 FORMAT_VERSION = 2
 _READS = (1, 2)
 PARAMS_VERSION = 1
+# Bits per element expected of each level before a record is measured (`nominal_bits`): SmolLM2's, with
+# its codebook (docs/PERFORMANCE.md); per-chunk tables add ~0.8.
+NOMINAL_BITS = {1: 1.2, 2: 2.0, 3: 2.9, 4: 4.5}
 MAGIC = b"KVCG"
 GROUP = 16  # channels per stream: 4096 streams for an 8B model's chunk, enough for a GPU
 _HEAD = struct.Struct("<4sBBBBHII")
@@ -90,6 +93,9 @@ class CacheGenCodec(Codec):
     @classmethod
     def at_level(cls, level: int) -> "CacheGenCodec":
         return cls(level=level)
+
+    def nominal_bits(self, element_bits: int) -> float:
+        return NOMINAL_BITS[self.level]
 
     def params(self) -> bytes:
         digest = self.codebook.digest if self.codebook is not None else b""

@@ -102,6 +102,9 @@ class Int8Codec(Codec):
     name = "int8"
     lossless = False
 
+    def nominal_bits(self, element_bits: int) -> float:
+        return 8.1  # a float16 scale per token row
+
     def encode(self, kv: torch.Tensor) -> bytes:
         q, scale = int8_quantize(kv)
         return scale.numpy().tobytes() + q.numpy().tobytes()
@@ -121,6 +124,9 @@ class Int8Codec(Codec):
 class _KiviCodec(Codec):
     lossless = False
     bits: int
+
+    def nominal_bits(self, element_bits: int) -> float:
+        return self.bits + 1.0  # a float16 offset and step per group of 32, keys and values both ways
 
     def encode(self, kv: torch.Tensor) -> bytes:
         q, lo, step = kivi_quantize(kv, self.bits)

@@ -9,7 +9,8 @@ Primitives:
     `level_key(key, level)` (copies already there are skipped);
   - `available(refs)` -> the allowed levels stored for each chunk; `leading(available)` -> how many
     leading chunks have one; `holds_every_copy(keys)` -> whether every configured copy is stored;
-  - `plan(available, ...)` -> a `planner.LoadPlan` from the current figures;
+  - `plan(available, ...)` -> a `planner.LoadPlan` from the current figures (a level whose size is not
+    measured yet: its codec's `nominal_bits`);
   - `stream(refs, available, plan, ...)` -> an `AdaptiveStream`.
 - `adaptive_candidates(store, refs)`: what an engine's connector asks first: the allowed levels stored for
   each leading chunk that has one, or [] where the ordinary path is better (not configured, no copies,
@@ -178,9 +179,12 @@ class AdaptiveLoading:
     def leading(available: Sequence[frozenset[str]]) -> int:
         return next((i for i, a in enumerate(available) if not a), len(available))
 
-    def plan(self, available: Sequence[frozenset[str]], *, chunk_tokens: int, kv_bytes: int,
+    def plan(self, available: Sequence[frozenset[str]], *, chunk_tokens: int, kv_bytes: int, element_bytes: int,
              head: bool = True) -> LoadPlan:
-        """The plan for chunks that each have an allowed copy, from the figures measured so far."""
+        """The plan for chunks that each have an allowed copy, from the figures measured so far (a level
+        not measured yet: its codec's nominal size for KV of `element_bytes`)."""
+        bits = 8 * element_bytes
+        self.estimates.set_prior({level: codec.nominal_bits(bits) / bits for level, codec in self.codecs.items()})
         stats = self.tier.stats.snapshot()
         if stats["get_seconds"] > 0:  # no transfer of ours yet: the tier's own counters measured some
             self.estimates.seed_bandwidth(stats["bytes_read"] / stats["get_seconds"])

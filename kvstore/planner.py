@@ -3,7 +3,8 @@
 Primitives:
 - `Estimates`: measured figures, updated from real work (thread-safe): the tier link's bandwidth (record
   bytes per second of each fetch), each level's decode speed (KV bytes per second) and size (record bytes
-  per KV byte, from every encode and fetch), and the model's prefill speed (tokens per second).
+  per KV byte, from every encode and fetch; before any, each level's `prior`: its codec's nominal size),
+  and the model's prefill speed (tokens per second).
   `figures()` is a frozen snapshot of them: `Figures`.
 - `plan_load(available, allowed, chunk_tokens=, kv_bytes=, figures=)` -> `LoadPlan`: a pure function.
 - `estimate_seconds(...)`: the time model behind it, also pure.
@@ -19,7 +20,10 @@ load already under way, every tail) with every allowed level and keeps the faste
 
 Figures not measured yet: no bandwidth -> transfers count as free (the first fetch measures it, and the
 load re-plans); a level's decode speed unknown -> the fastest measured level's (none measured: free); a
-level's size unknown -> the KV's own size; no prefill speed -> nothing is recomputed.
+level's size not measured -> its prior (its codec's nominal bits per element: a process that reads copies
+another process stored learns the small levels' real sizes only by fetching them, so without a prior it
+would keep to the first level it measured), and with no prior either the KV's own size; no prefill speed
+-> nothing is recomputed.
 """
 
 from __future__ import annotations
@@ -45,11 +49,15 @@ class Figures:
     decode: Mapping[str, float] = field(default_factory=dict)  # level -> KV bytes decoded per second
     ratio: Mapping[str, float] = field(default_factory=dict)  # level -> record bytes per KV byte
     prefill: float | None = None  # tokens per second of the model's prefill
+    prior: Mapping[str, float] = field(default_factory=dict)  # level -> ratio expected before one is measured
+
+    def size_ratio(self, level: str) -> float:
+        return self.ratio.get(level) or self.prior.get(level, 1.0)
 
     def fetch_seconds(self, level: str, kv_bytes: int) -> float:
         if not self.bandwidth:
             return 0.0
-        return kv_bytes * self.ratio.get(level, 1.0) / self.bandwidth
+        return kv_bytes * self.size_ratio(level) / self.bandwidth
 
     def decode_seconds(self, level: str, kv_bytes: int) -> float:
         speed = self.decode.get(level) or max(self.decode.values(), default=0.0)
@@ -148,6 +156,7 @@ class Estimates:
         self._prefill: float | None = None
         self._decode: dict[str, float] = {}
         self._ratio: dict[str, float] = {}
+        self._prior: dict[str, float] = {}
 
     def _avg(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.weight) * old + self.weight * new
@@ -177,6 +186,11 @@ class Estimates:
             with self._lock:
                 self._ratio[level] = self._avg(self._ratio.get(level), record_bytes / kv_bytes)
 
+    def set_prior(self, ratios: Mapping[str, float]) -> None:
+        """Each level's expected size (record bytes per KV byte), used until one of its records is measured."""
+        with self._lock:
+            self._prior = dict(ratios)
+
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         if tokens > 0 and seconds > 0:
             with self._lock:
@@ -184,4 +198,4 @@ class Estimates:
 
     def figures(self) -> Figures:
         with self._lock:
-            return Figures(self._bandwidth, dict(self._decode), dict(self._ratio), self._prefill)
+            return Figures(self._bandwidth, dict(self._decode), dict(self._ratio), self._prefill, dict(self._prior))

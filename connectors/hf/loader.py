@@ -143,8 +143,9 @@ class HFConnector:
         tokens), n counting the recomputed leading chunks and the fetched ones; the rest is recomputed by
         the caller with the prompt."""
         adaptive, c = self.store.adaptive, self.chunk_tokens
-        kv_bytes = kv_layout(self.model).nbytes(c)
-        plan = adaptive.plan(available, chunk_tokens=c, kv_bytes=kv_bytes)
+        layout = kv_layout(self.model)
+        kv_bytes = layout.nbytes(c)
+        plan = adaptive.plan(available, chunk_tokens=c, kv_bytes=kv_bytes, element_bytes=layout.dtype.itemsize)
         stream = adaptive.stream(refs, available, plan, chunk_tokens=c, kv_bytes=kv_bytes)
         pieces, fetched = [], 0
         try:

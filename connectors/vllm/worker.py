@@ -185,7 +185,8 @@ class WorkerSide:
             return None, 0
         n = len(available)
         # vLLM computes after the loads: only a tail can be recomputed (through its invalid blocks).
-        plan = adaptive.plan(available, chunk_tokens=self.chunk_shape[2], kv_bytes=self.chunk_bytes, head=False)
+        plan = adaptive.plan(available, chunk_tokens=self.chunk_shape[2], kv_bytes=self.chunk_bytes,
+                             element_bytes=self.dtype.itemsize, head=False)
         stream = adaptive.stream(refs, available, plan, chunk_tokens=self.chunk_shape[2], kv_bytes=self.chunk_bytes)
         stop = None
         try:

@@ -368,3 +368,11 @@ def test_reconstruct_is_what_the_codec_decodes(with_codebook):
         assert payload[6] & 2  # the chunk has a sink token
         out = decode(codec, payload, kv)
         assert torch.equal(reconstruct(kv, LEVELS[lv], None if cb is None else cb.base_steps(lv)), out)
+
+
+def test_every_level_has_a_nominal_size_in_bits():
+    from codec.cachegen import NOMINAL_BITS
+
+    assert set(NOMINAL_BITS) == set(LEVELS)
+    sizes = [CacheGenCodec(level).nominal_bits(16) for level in sorted(LEVELS)]
+    assert sizes == sorted(sizes) and sizes[-1] < 8  # finer levels are larger, all well under int8's

@@ -55,7 +55,7 @@ def test_a_load_replans_when_the_bandwidth_drops(tmp_path, chunks):
     ad.estimates.observe_fetch(1 << 30, 1.0)  # as measured by earlier loads: a fast link
     avail = ad.available(refs)
     kv_bytes = cs[0].nbytes
-    plan = ad.plan(avail, chunk_tokens=SHAPE[2], kv_bytes=kv_bytes)
+    plan = ad.plan(avail, chunk_tokens=SHAPE[2], kv_bytes=kv_bytes, element_bytes=2)
     assert plan.actions() == ["raw"] * N  # fast link: the most faithful copy
     stream = ad.stream(refs, avail, plan, chunk_tokens=SHAPE[2], kv_bytes=kv_bytes)
     got = []
@@ -82,7 +82,7 @@ def test_a_link_that_changed_between_loads_is_replanned_for_once(tmp_path, chunk
     ad.store_levels(cs)
     ad.estimates.observe_fetch(1 << 30, 1.0)
     avail = ad.available(refs)
-    plan = ad.plan(avail, chunk_tokens=SHAPE[2], kv_bytes=cs[0].nbytes)
+    plan = ad.plan(avail, chunk_tokens=SHAPE[2], kv_bytes=cs[0].nbytes, element_bytes=2)
     assert plan.actions() == ["raw"] * N
     stream = ad.stream(refs, avail, plan, chunk_tokens=SHAPE[2], kv_bytes=cs[0].nbytes)
     assert all(chunk is not None for _, chunk in stream)
@@ -91,13 +91,33 @@ def test_a_link_that_changed_between_loads_is_replanned_for_once(tmp_path, chunk
     assert report.actions.count("int8") >= N - 1 - FETCH_AHEAD  # all but what was requested before it knew
 
 
+def test_a_reader_that_never_encoded_plans_from_the_codecs_nominal_sizes(tmp_path, chunks):
+    """Copies stored by another process (a precompute job): this loading has measured no level's size.
+    Each level's nominal size stands in for it, so a slow link takes int8, not the first level it measured
+    (before the priors it kept to zstd, whose measured 0.94 beat an unmeasured level's assumed 1.0)."""
+    refs, cs = chunks
+    writer, tier = loading(tmp_path, rate=2e5, levels=("int8", "zstd"))
+    writer.store_levels(cs)
+    reader = AdaptiveLoading(writer.config, tier)
+    reader.estimates.observe_fetch(2 << 10, 0.01)  # the link measured at 200 KB/s by earlier fetches
+    avail = reader.available(refs)
+    plan = reader.plan(avail, chunk_tokens=SHAPE[2], kv_bytes=cs[0].nbytes, element_bytes=2)
+    assert plan.actions() == ["int8"] * N
+    assert reader.estimates.figures().ratio == {}
+    assert reader.estimates.figures().size_ratio("int8") == pytest.approx(8.1 / 16)
+    stream = reader.stream(refs, avail, plan, chunk_tokens=SHAPE[2], kv_bytes=cs[0].nbytes)
+    assert all(chunk is not None for _, chunk in stream)
+    assert stream.report().actions == ["int8"] * N
+    assert 0.5 < reader.estimates.figures().size_ratio("int8") < 0.6  # measured now: the prior is replaced
+
+
 def test_fetched_copies_are_exact_for_a_lossless_level(tmp_path, chunks):
     refs, cs = chunks
     ad, _ = loading(tmp_path, floor="lossless")
     ad.store_levels(cs)
     avail = ad.available(refs)
     assert avail == [frozenset({"raw"})] * N  # only lossless levels are allowed
-    plan = ad.plan(avail, chunk_tokens=SHAPE[2], kv_bytes=cs[0].nbytes)
+    plan = ad.plan(avail, chunk_tokens=SHAPE[2], kv_bytes=cs[0].nbytes, element_bytes=2)
     stream = ad.stream(refs, avail, plan, chunk_tokens=SHAPE[2], kv_bytes=cs[0].nbytes)
     for i, chunk in stream:
         assert np.array_equal(chunk.kv.numpy(), cs[i].kv.numpy())
@@ -115,7 +135,7 @@ def test_exact_loads_are_promoted_into_the_memory_tier_and_lossy_ones_never(tmp_
         ad.store_levels(cs)
         ad.estimates.observe_fetch(1 << 10, 1.0)  # a slow link: the lossy floor takes int8
         avail = ad.available(refs)
-        stream = ad.stream(refs, avail, ad.plan(avail, chunk_tokens=SHAPE[2], kv_bytes=cs[0].nbytes),
+        stream = ad.stream(refs, avail, ad.plan(avail, chunk_tokens=SHAPE[2], kv_bytes=cs[0].nbytes, element_bytes=2),
                            chunk_tokens=SHAPE[2], kv_bytes=cs[0].nbytes)
         assert all(chunk is not None for _, chunk in stream)
         actions = stream.report().actions
@@ -134,7 +154,7 @@ def test_a_missing_copy_ends_the_stream_and_the_rest_is_recomputed(tmp_path, chu
     ad.store_levels(cs)
     avail = ad.available(refs)
     tier.inner.delete([level_key(refs[3].key, "raw")])
-    plan = ad.plan(avail, chunk_tokens=SHAPE[2], kv_bytes=cs[0].nbytes)
+    plan = ad.plan(avail, chunk_tokens=SHAPE[2], kv_bytes=cs[0].nbytes, element_bytes=2)
     stream = ad.stream(refs, avail, plan, chunk_tokens=SHAPE[2], kv_bytes=cs[0].nbytes)
     got = list(stream)
     assert [i for i, c in got if c is not None] == [0, 1, 2] and got[-1] == (3, None)
@@ -184,7 +204,7 @@ def test_store_metrics_export_the_adaptive_counters(tmp_path, chunks):
     with build_store(cfg) as store:
         store.adaptive.store_levels(cs[:2])
         avail = store.adaptive.available(refs[:2])
-        plan = store.adaptive.plan(avail, chunk_tokens=SHAPE[2], kv_bytes=cs[0].nbytes)
+        plan = store.adaptive.plan(avail, chunk_tokens=SHAPE[2], kv_bytes=cs[0].nbytes, element_bytes=2)
         stream = store.adaptive.stream(refs[:2], avail, plan, chunk_tokens=SHAPE[2], kv_bytes=cs[0].nbytes)
         assert all(c is not None for _, c in stream)
         stream.report()
