@@ -147,6 +147,7 @@ def main() -> None:
         key = f"{gb_s:g}".replace(".", "_")
         results[f"ttft_ms_{key}gb"] = {**{f"fixed_{lv}": fixed_ms[lv] for lv in LEVELS}, "recompute": recompute_s * 1e3,
                                        "adaptive": ms["adaptive"], "adaptive_first": first["adaptive"].report.ttft_s * 1e3,
+                                       "adaptive_first_replans": first["adaptive"].report.adaptive.replans,
                                        "adaptive_lossless": ms["adaptive-lossless"], "best_fixed": best,
                                        "adaptive_plan": plan.chunks_by_level,
                                        "min_of_repeats": {"adaptive": best_of["adaptive"], **fixed_min}}
