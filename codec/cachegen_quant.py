@@ -72,7 +72,7 @@ LEVELS: dict[int, Level] = {
     1: Level(m=31, budget=4e-3, alpha_k=1.0, alpha_v=1.4, early_factor=0.7),
     2: Level(m=63, budget=2e-3, alpha_k=0.5, alpha_v=0.7, early_factor=0.7),
     3: Level(m=127, budget=1e-3, alpha_k=0.22, alpha_v=0.3, early_factor=0.7),
-    4: Level(m=127, budget=3e-4, alpha_k=0.08, alpha_v=0.1, early_factor=0.7),
+    4: Level(m=127, budget=1e-4, alpha_k=0.08, alpha_v=0.1, early_factor=0.7),
 }
 
 

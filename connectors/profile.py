@@ -2,7 +2,7 @@
 
     python -m connectors.profile --texts FILE --out ~/.cache/kvstore/codebooks [--model NAME|DIR] [--dtype D]
         [--fingerprint FP] [--chunks 48] [--sensitivity-contexts 8 | --sensitivity-from CODEBOOK]
-        [--calibration-contexts 8] [--calibration-layers-per-group 1]
+        [--calibration-contexts N (8; 0 with --sensitivity-from)] [--calibration-layers-per-group 1]
 
 `--model` is a registered model (`smollm2-135m`, the default; `tiny`) or a local transformers model folder,
 loaded in `--dtype` (the dtype it will be served in: the fingerprint, and so the codebook, depends on it);
@@ -26,7 +26,13 @@ Three steps, then the codebook (`codec.profile.profile_kv`), written as `<finger
 - its calibration (`calibrate_sensitivity`): over `--calibration-contexts` windows, the KL measured when
   one (layer, K/V) (or group of layers) alone goes through the codec at level 2 rescales that
   (layer, K/V)'s sensitivity, since the Fisher information's prediction (the same KL from each) is off
-  by up to 10x between layers on SmolLM2;
+  by up to 10x between layers on SmolLM2. Default 8 windows for a measured sensitivity, none for one
+  taken `--sensitivity-from` a codebook: its steps already carry the calibration it was made with, and
+  calibrating again would apply a second set of factors on top of the first. A re-profile on the same
+  texts then keeps, bit for bit, the steps and tables of every level whose budget is a power-of-2
+  multiple of the lowest level's (levels 1-3; level 4's steps can move by one bfloat16 rounding, the
+  sensitivity being taken back from level 1's rounded steps); pass `--calibration-contexts N` to
+  calibrate an uncalibrated codebook's steps;
 - the symbol statistics of the texts' full 256-token chunks at those steps (`--chunks` of them).
 """
 
@@ -198,12 +204,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="576-token windows to measure the model's sensitivity on (default 8; 0: layer-RMS steps)")
     ap.add_argument("--sensitivity-from", type=Path, default=None,
                     help="take the sensitivity from this codebook's steps instead of measuring it")
-    ap.add_argument("--calibration-contexts", type=int, default=8,
+    ap.add_argument("--calibration-contexts", type=int, default=None,
                     help="576-token windows to calibrate the sensitivity per (layer, K/V) on, by the KL measured "
-                         "through the codec (default 8; 0: the Fisher information as measured)")
+                         "through the codec (default 8, or 0 with --sensitivity-from: a codebook's steps already "
+                         "carry their calibration; 0: the sensitivity as measured or taken)")
     ap.add_argument("--calibration-layers-per-group", type=int, default=1,
                     help="consecutive layers that share one calibration factor per K/V (default 1; more: fewer passes)")
     args = ap.parse_args(argv)
+    if args.calibration_contexts is None:
+        args.calibration_contexts = 0 if args.sensitivity_from is not None else 8
     if args.chunks < 1 or args.sensitivity_contexts < 0 or args.calibration_contexts < 0:
         ap.error("--chunks must be >= 1, --sensitivity-contexts and --calibration-contexts >= 0")
     from connectors.models import load_model

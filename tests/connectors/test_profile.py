@@ -108,3 +108,12 @@ def test_sensitivity_back_from_a_codebook(tmp_path):
     again = tmp_path / "again"
     assert main(args[:4] + ["--out", str(again), "--chunks", "1", "--sensitivity-from", str(path), "--calibration-contexts", "1"]) == 0
     assert len(list(again.glob("*.kvcb"))) == 1
+    # without --calibration-contexts a profile from a codebook does not calibrate its steps again: on the
+    # same texts, every level whose budget is a power-of-2 multiple of the lowest level's comes out the same
+    same = tmp_path / "same"
+    assert main(args[:4] + ["--out", str(same), "--chunks", "1", "--sensitivity-from", str(path)]) == 0
+    (remade,) = (Codebook.load(p) for p in same.glob("*.kvcb"))
+    kept = [lv for lv in LEVELS if np.log2(LEVELS[1].budget / LEVELS[lv].budget).is_integer()]
+    assert kept == [1, 2, 3]
+    for lv in kept:
+        assert np.array_equal(remade.step_bits[lv], cb.step_bits[lv]) and np.array_equal(remade.freqs[lv], cb.freqs[lv])
