@@ -36,7 +36,7 @@ _READS = (1, 2)
 PARAMS_VERSION = 1
 # Bits per element expected of each level before a record is measured (`nominal_bits`): SmolLM2's, with
 # its codebook (docs/PERFORMANCE.md); per-chunk tables add ~0.8.
-NOMINAL_BITS = {1: 1.2, 2: 2.0, 3: 2.9, 4: 4.5}
+NOMINAL_BITS = {1: 1.2, 2: 2.0, 3: 2.9, 4: 5.9}
 MAGIC = b"KVCG"
 GROUP = 16  # channels per stream: 4096 streams for an 8B model's chunk, enough for a GPU
 _HEAD = struct.Struct("<4sBBBBHII")
