@@ -146,45 +146,65 @@ def plan_load(available: Sequence[Collection[str]], allowed: Sequence[str], *, c
     return min(near, key=lambda c: (c[0], c[1], c[2].estimate_s))[2]
 
 
+class _Rate:
+    """A rate over recent observations: their amounts summed over their durations (or any ratio of two
+    sums), each older observation weighing `decay` times the next. A slow observation counts by how long
+    it took, not as one vote among equals, so one outlier moves the figure by its share of the time."""
+
+    __slots__ = ("decay", "num", "den")
+
+    def __init__(self, decay: float) -> None:
+        self.decay, self.num, self.den = decay, 0.0, 0.0
+
+    def add(self, num: float, den: float) -> None:
+        self.num = self.num * self.decay + num
+        self.den = self.den * self.decay + den
+
+    @property
+    def value(self) -> float:
+        return self.num / self.den
+
+
 class Estimates:
-    """Measured figures, each a moving average of real observations (newer ones weigh `weight`)."""
+    """Measured figures over recent real observations (`_Rate`). The link's bandwidth follows each transfer
+    closely (`link_decay`: it is what changes, and a load re-plans on its own transfers anyway); decode
+    speeds, sizes and the prefill speed are properties of the machine, the codecs and the model, and are
+    kept over about ten observations (`decay`), since a single chunk's decode varies by tens of percent
+    on a shared CPU and a plan ranks levels by their differences."""
 
-    def __init__(self, weight: float = 0.5) -> None:
-        self.weight = weight
+    def __init__(self, decay: float = 0.9, link_decay: float = 0.5) -> None:
+        self.decay, self.link_decay = decay, link_decay
         self._lock = threading.Lock()
-        self._bandwidth: float | None = None
-        self._prefill: float | None = None
-        self._decode: dict[str, float] = {}
-        self._ratio: dict[str, float] = {}
+        self._bandwidth = _Rate(link_decay)
+        self._seed: float | None = None  # a bandwidth from the tier's own counters, until a transfer of ours
+        self._prefill = _Rate(decay)
+        self._decode: dict[str, _Rate] = {}
+        self._ratio: dict[str, _Rate] = {}
         self._prior: dict[str, float] = {}
-
-    def _avg(self, old: float | None, new: float) -> float:
-        return new if old is None else (1 - self.weight) * old + self.weight * new
 
     def observe_fetch(self, nbytes: int, seconds: float) -> float | None:
         """One transfer of `nbytes` record bytes in `seconds`; returns that transfer's own bandwidth."""
         if nbytes <= 0 or seconds <= 0:
             return None
-        rate = nbytes / seconds
         with self._lock:
-            self._bandwidth = self._avg(self._bandwidth, rate)
-        return rate
+            self._bandwidth.add(nbytes, seconds)
+        return nbytes / seconds
 
     def seed_bandwidth(self, rate: float) -> None:
         """A first figure from earlier measured transfers (a tier's own counters), if none is kept yet."""
         with self._lock:
-            if self._bandwidth is None and rate > 0:
-                self._bandwidth = rate
+            if self._seed is None and rate > 0:
+                self._seed = rate
 
     def observe_decode(self, level: str, kv_bytes: int, seconds: float) -> None:
         if kv_bytes > 0 and seconds > 0:
             with self._lock:
-                self._decode[level] = self._avg(self._decode.get(level), kv_bytes / seconds)
+                self._decode.setdefault(level, _Rate(self.decay)).add(kv_bytes, seconds)
 
     def observe_size(self, level: str, record_bytes: int, kv_bytes: int) -> None:
         if record_bytes > 0 and kv_bytes > 0:
             with self._lock:
-                self._ratio[level] = self._avg(self._ratio.get(level), record_bytes / kv_bytes)
+                self._ratio.setdefault(level, _Rate(self.decay)).add(record_bytes, kv_bytes)
 
     def set_prior(self, ratios: Mapping[str, float]) -> None:
         """Each level's expected size (record bytes per KV byte), used until one of its records is measured."""
@@ -194,8 +214,11 @@ class Estimates:
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         if tokens > 0 and seconds > 0:
             with self._lock:
-                self._prefill = self._avg(self._prefill, tokens / seconds)
+                self._prefill.add(tokens, seconds)
 
     def figures(self) -> Figures:
         with self._lock:
-            return Figures(self._bandwidth, dict(self._decode), dict(self._ratio), self._prefill, dict(self._prior))
+            bandwidth = self._bandwidth.value if self._bandwidth.den else self._seed
+            return Figures(bandwidth, {k: r.value for k, r in self._decode.items()},
+                           {k: r.value for k, r in self._ratio.items()},
+                           self._prefill.value if self._prefill.den else None, dict(self._prior))

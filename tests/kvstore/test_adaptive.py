@@ -52,7 +52,7 @@ def test_a_load_replans_when_the_bandwidth_drops(tmp_path, chunks):
     refs, cs = chunks
     ad, tier = loading(tmp_path, rate=1e9)
     ad.store_levels(cs)
-    ad.estimates.observe_fetch(1 << 30, 1.0)  # as measured by earlier loads: a fast link
+    ad.estimates.observe_fetch(16 << 10, 16e-6)  # as measured by earlier loads: a chunk at 1 GB/s
     avail = ad.available(refs)
     kv_bytes = cs[0].nbytes
     plan = ad.plan(avail, chunk_tokens=SHAPE[2], kv_bytes=kv_bytes, element_bytes=2)
@@ -80,7 +80,7 @@ def test_a_link_that_changed_between_loads_is_replanned_for_once(tmp_path, chunk
     refs, cs = chunks
     ad, tier = loading(tmp_path, rate=2e5)
     ad.store_levels(cs)
-    ad.estimates.observe_fetch(1 << 30, 1.0)
+    ad.estimates.observe_fetch(16 << 10, 16e-6)  # earlier loads: a chunk at 1 GB/s
     avail = ad.available(refs)
     plan = ad.plan(avail, chunk_tokens=SHAPE[2], kv_bytes=cs[0].nbytes, element_bytes=2)
     assert plan.actions() == ["raw"] * N

@@ -101,16 +101,26 @@ def test_the_time_model_matches_a_step_by_step_simulation(bw, dec, head):
     assert got == pytest.approx(cpu + C / 1000.0)
 
 
-def test_estimates_average_real_observations():
-    e = Estimates(weight=0.5)
+def test_estimates_weigh_real_observations_by_their_duration():
+    e = Estimates(decay=0.5, link_decay=0.5)
     assert e.figures() == Figures()
+    e.seed_bandwidth(50.0)  # the tier's own counters: used until a transfer of ours
+    assert e.figures().bandwidth == 50
     assert e.observe_fetch(100, 1.0) == 100
     e.observe_fetch(300, 1.0)
     e.observe_fetch(0, 1.0)  # ignored
-    e.seed_bandwidth(1.0)  # a figure is kept already: no effect
+    e.seed_bandwidth(1.0)  # no effect
     e.observe_decode("mid", 1000, 0.5)
     e.observe_size("mid", 250, 1000)
     e.observe_prefill(512, 2.0)
     f = e.figures()
-    assert f.bandwidth == 200 and f.decode == {"mid": 2000} and f.ratio == {"mid": 0.25} and f.prefill == 256
+    assert f.bandwidth == pytest.approx((50 + 300) / 1.5)  # (100 * 0.5 + 300) bytes over (0.5 + 1) s
+    assert f.decode == {"mid": 2000} and f.ratio == {"mid": 0.25} and f.prefill == 256
+    # One slow decode among fast ones moves the figure by its share of the time (a moving average of
+    # rates with weight 0.5 would have gone half the way, to 1500).
+    e = Estimates()
+    for _ in range(8):
+        e.observe_decode("mid", 1000, 0.5)
+    e.observe_decode("mid", 1000, 1.0)  # 1000 B/s once, against 2000
+    assert 1700 < e.figures().decode["mid"] < 2000
     assert f.decode_seconds("other", 2000) == 1.0  # an unmeasured level: the fastest measured one's speed
