@@ -23,7 +23,7 @@ Primitives:
   the next) differs from the figure the plan was made with by more than `replan_threshold`, the chunks
   the fetcher has not requested yet are planned again (another level, or recomputed as a tail) with this
   load's figure: a link that changed between loads is re-planned for once, not chased through the
-  moving average that the next load starts from, and a slower link shows at once (its seconds dominate).
+  figure kept across loads, and a slower link shows at once (its seconds dominate).
   A chunk fetched at a lossless level is exact, so the store promotes it into its faster tiers like any
   hit (`promote`, set by the owning store); a lossy one never is (a faster tier holds exact KV only).
   `report()` -> `AdaptiveReport`, the decisions (also counted in `stats()`).
