@@ -47,7 +47,7 @@ from kvstore.chunk import Chunk
 from kvstore.errors import ConfigError, RecordError
 from kvstore.keys import ChunkKey, ChunkRef, level_key
 from kvstore.levels import AdaptiveConfig, make_level_codec
-from kvstore.planner import RECOMPUTE, Estimates, LoadPlan, plan_load
+from kvstore.planner import RECOMPUTE, DecayedRate, Estimates, LoadPlan, plan_load
 from kvstore.record import decode_record, encode_record
 from kvstore.tiers.base import Counters, Tier
 from kvstore.tiers.byte_tier import ByteTier
@@ -251,8 +251,7 @@ class _State:
     next: int  # the next chunk the fetcher requests
     plan_bandwidth: float | None
     replans: int = 0
-    recent_bytes: float = 0.0  # this load's transfers, decayed by RECENT_DECAY each (its own bandwidth)
-    recent_seconds: float = 0.0
+    recent: DecayedRate = field(default_factory=lambda: DecayedRate(RECENT_DECAY))  # this load's bandwidth
     stop: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -363,11 +362,10 @@ class AdaptiveStream:
 
     def _maybe_replan(self, nbytes: int, seconds: float) -> None:
         st = self._state
-        st.recent_bytes = st.recent_bytes * RECENT_DECAY + nbytes
-        st.recent_seconds = st.recent_seconds * RECENT_DECAY + seconds
-        if st.recent_bytes <= 0 or st.recent_seconds <= 0:
+        if nbytes <= 0 or seconds <= 0:
             return
-        rate = st.recent_bytes / st.recent_seconds
+        st.recent.add(nbytes, seconds)
+        rate = st.recent.value
         base = st.plan_bandwidth
         if base is not None and abs(rate / base - 1) <= self.loading.config.replan_threshold:
             return

@@ -1,6 +1,7 @@
 """The adaptive load planner: per chunk, which codec level to fetch, or recompute it from its tokens.
 
 Primitives:
+- `DecayedRate`: a rate over recent observations (amounts over durations, older ones decayed).
 - `Estimates`: measured figures, updated from real work (thread-safe): the tier link's bandwidth (record
   bytes per second of each fetch), each level's decode speed (KV bytes per second) and size (record bytes
   per KV byte, from every encode and fetch; before any, each level's `prior`: its codec's nominal size),
@@ -146,7 +147,7 @@ def plan_load(available: Sequence[Collection[str]], allowed: Sequence[str], *, c
     return min(near, key=lambda c: (c[0], c[1], c[2].estimate_s))[2]
 
 
-class _Rate:
+class DecayedRate:
     """A rate over recent observations: their amounts summed over their durations (or any ratio of two
     sums), each older observation weighing `decay` times the next. A slow observation counts by how long
     it took, not as one vote among equals, so one outlier moves the figure by its share of the time."""
@@ -166,20 +167,20 @@ class _Rate:
 
 
 class Estimates:
-    """Measured figures over recent real observations (`_Rate`). The link's bandwidth follows each transfer
-    closely (`link_decay`: it is what changes, and a load re-plans on its own transfers anyway); decode
-    speeds, sizes and the prefill speed are properties of the machine, the codecs and the model, and are
-    kept over about ten observations (`decay`), since a single chunk's decode varies by tens of percent
-    on a shared CPU and a plan ranks levels by their differences."""
+    """Measured figures over recent real observations (`DecayedRate`). The link's bandwidth follows each
+    transfer closely (`link_decay`: it is what changes, and a load re-plans on its own transfers anyway);
+    decode speeds, sizes and the prefill speed are properties of the machine, the codecs and the model,
+    and are kept over about ten observations (`decay`), since a single chunk's decode varies by tens of
+    percent on a shared CPU and a plan ranks levels by their differences."""
 
     def __init__(self, decay: float = 0.9, link_decay: float = 0.5) -> None:
         self.decay, self.link_decay = decay, link_decay
         self._lock = threading.Lock()
-        self._bandwidth = _Rate(link_decay)
+        self._bandwidth = DecayedRate(link_decay)
         self._seed: float | None = None  # a bandwidth from the tier's own counters, until a transfer of ours
-        self._prefill = _Rate(decay)
-        self._decode: dict[str, _Rate] = {}
-        self._ratio: dict[str, _Rate] = {}
+        self._prefill = DecayedRate(decay)
+        self._decode: dict[str, DecayedRate] = {}
+        self._ratio: dict[str, DecayedRate] = {}
         self._prior: dict[str, float] = {}
 
     def observe_fetch(self, nbytes: int, seconds: float) -> float | None:
@@ -199,12 +200,12 @@ class Estimates:
     def observe_decode(self, level: str, kv_bytes: int, seconds: float) -> None:
         if kv_bytes > 0 and seconds > 0:
             with self._lock:
-                self._decode.setdefault(level, _Rate(self.decay)).add(kv_bytes, seconds)
+                self._decode.setdefault(level, DecayedRate(self.decay)).add(kv_bytes, seconds)
 
     def observe_size(self, level: str, record_bytes: int, kv_bytes: int) -> None:
         if record_bytes > 0 and kv_bytes > 0:
             with self._lock:
-                self._ratio.setdefault(level, _Rate(self.decay)).add(record_bytes, kv_bytes)
+                self._ratio.setdefault(level, DecayedRate(self.decay)).add(record_bytes, kv_bytes)
 
     def set_prior(self, ratios: Mapping[str, float]) -> None:
         """Each level's expected size (record bytes per KV byte), used until one of its records is measured."""
