@@ -35,6 +35,7 @@ ever taken at a level the quality floor allows; nothing here raises for a tier t
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -57,7 +58,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FETCH_AHEAD = 2  # fetched copies waiting for their decode: the decisions stay late, memory stays small
+FETCH_AHEAD = 2  # fetched copies waiting for their decode (more during a recomputed head): decisions stay late
 RECENT_DECAY = 0.5  # a load's own bandwidth: the weight of each transfer against the one after it
 FAILED = "failed"  # the action of a chunk whose copy could not be had (recomputed with the rest)
 
@@ -268,9 +269,23 @@ class AdaptiveStream:
         self.head = plan.head
         self._state = _State(plan.actions(), plan.head + len(plan.levels), plan.head,
                              loading.estimates.figures().bandwidth)
-        self._queue: queue.Queue[_Fetched | None] = queue.Queue(FETCH_AHEAD)
+        self._queue: queue.Queue[_Fetched | None] = queue.Queue(self._fetch_ahead(plan))
         self._thread = threading.Thread(target=self._fetch_all, name="kvstore-adaptive-fetch", daemon=True)
         self._thread.start()
+
+    def _fetch_ahead(self, plan: LoadPlan) -> int:
+        """How many fetched copies may wait for their decode: FETCH_AHEAD, plus the copies the link brings
+        while the caller prefills the plan's head (the time model counts on those transfers; a queue of
+        FETCH_AHEAD would stall the link after two of them and make a recomputed head a loss)."""
+        if not plan.head or not plan.levels:
+            return FETCH_AHEAD
+        figures = self.loading.estimates.figures()
+        prefill = figures.prefill_seconds(plan.head * self.chunk_tokens)
+        fetch = figures.fetch_seconds(plan.levels[0], self.kv_bytes)
+        if not math.isfinite(prefill):
+            return FETCH_AHEAD
+        during = len(plan.levels) if fetch <= 0 else math.ceil(prefill / fetch)
+        return max(FETCH_AHEAD, min(len(plan.levels), FETCH_AHEAD + during))
 
     @property
     def fetch_end(self) -> int:

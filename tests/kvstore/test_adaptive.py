@@ -14,7 +14,7 @@ from kvstore.config import build_store, load_config
 from kvstore.errors import ConfigError
 from kvstore.keys import ChunkKind, chunk_refs, level_key
 from kvstore.levels import AdaptiveConfig
-from kvstore.planner import RECOMPUTE
+from kvstore.planner import RECOMPUTE, LoadPlan
 from kvstore.tiers import DiskTier
 
 SHAPE = (2, 2, 64, 2, 16)  # [L, 2, T, H, D]: 16 KiB of fp16 KV a chunk
@@ -109,6 +109,25 @@ def test_a_reader_that_never_encoded_plans_from_the_codecs_nominal_sizes(tmp_pat
     assert all(chunk is not None for _, chunk in stream)
     assert stream.report().actions == ["int8"] * N
     assert 0.5 < reader.estimates.figures().size_ratio("int8") < 0.6  # measured now: the prior is replaced
+
+
+def test_the_link_keeps_fetching_while_the_head_is_recomputed(tmp_path, chunks):
+    """A plan that recomputes leading chunks counts on the transfers made meanwhile: the fetcher may run
+    that many copies ahead of the decodes (a queue of FETCH_AHEAD stalled the link after two)."""
+    refs, cs = chunks
+    ad, _ = loading(tmp_path, levels=("raw",))
+    ad.store_levels(cs)
+    ad.estimates.observe_prefill(1000, 1.0)  # 128 tokens (two chunks): 0.128 s
+    ad.estimates.observe_fetch(16 << 10, 0.02)  # a raw chunk: 0.02 s
+    plan = LoadPlan(2, ("raw",) * (N - 2), 0, 0.0)
+    stream = ad.stream(refs, ad.available(refs), plan, chunk_tokens=SHAPE[2], kv_bytes=cs[0].nbytes)
+    assert stream._queue.maxsize == FETCH_AHEAD + 7  # ceil(0.128 / 0.02) copies arrive during the head
+    assert [i for i, c in stream if c is not None] == list(range(2, N))
+    stream.report()
+    no_head = ad.stream(refs, ad.available(refs), LoadPlan(0, ("raw",) * N, 0, 0.0), chunk_tokens=SHAPE[2],
+                        kv_bytes=cs[0].nbytes)
+    assert no_head._queue.maxsize == FETCH_AHEAD
+    no_head.close()
 
 
 def test_fetched_copies_are_exact_for_a_lossless_level(tmp_path, chunks):
