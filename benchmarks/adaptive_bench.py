@@ -9,7 +9,8 @@ first, full prefill is also what measures the model's prefill speed), in a disk 
 `LEVELS` under their level keys. The link is a `benchmarks.paced.PacedTier` over that disk tier: real
 records read from the disk tier (page cache warm), each transfer paced as a token bucket of the link's
 rate, transfers sharing the link. `--link sidecar` puts the copies in a real `kvstore serve` over loopback
-HTTP instead (its own disk tier), and paces the engine's sidecar client the same way: a throttled sidecar. TTFT = `HFConnector.prefill` from token ids to the first token's logits:
+HTTP instead (its own disk tier), and paces the engine's sidecar client the same way: a throttled sidecar.
+TTFT = `HFConnector.prefill` from token ids to the first token's logits:
 - recompute: a full prefill (no stored KV), the same at every bandwidth;
 - fixed <level>: every chunk fetched at that level (`[adaptive]` with that one level, recompute off);
 - adaptive: the planner over every level and recompute (floor: the least faithful level), with the

@@ -1,6 +1,7 @@
 """Real servers for tests and benchmarks on free loopback ports: Redis (a node, a 3-node cluster),
-`kvstore serve` in a subprocess (`ServeProcess`; `start_sidecar`: one with a token and a disk tier), and the loopback ceiling (`SocketCeiling`: one socket
-moving the same bytes to and from another process, nothing else).
+`kvstore serve` in a subprocess (`ServeProcess`; `start_sidecar`: one with a token and a disk tier), and
+the loopback ceiling (`SocketCeiling`: one socket moving the same bytes to and from another process,
+nothing else).
 
 Each server runs from a temp directory with persistence off and is stopped (SIGKILL if need be) when the
 caller is done. The binary is `redis-server` from PATH when the system has one, else the `valkey-server`

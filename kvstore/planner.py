@@ -174,7 +174,7 @@ class Estimates:
     percent on a shared CPU and a plan ranks levels by their differences."""
 
     def __init__(self, decay: float = 0.9, link_decay: float = 0.5) -> None:
-        self.decay, self.link_decay = decay, link_decay
+        self.decay = decay
         self._lock = threading.Lock()
         self._bandwidth = DecayedRate(link_decay)
         self._seed: float | None = None  # a bandwidth from the tier's own counters, until a transfer of ours
