@@ -3,9 +3,11 @@ step-by-step simulation, and the estimates it is fed."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from kvstore.planner import RECOMPUTE, Estimates, Figures, estimate_seconds, plan_load
+from kvstore.planner import RECOMPUTE, TIE_FRACTION, TIE_SECONDS, Estimates, Figures, estimate_seconds, plan_load
 
 LEVELS = ("small", "mid", "lossless")  # least faithful first
 RATIO = {"small": 0.1, "mid": 0.25, "lossless": 0.9}
@@ -87,6 +89,52 @@ def test_a_chunk_without_the_chosen_copy_takes_the_nearest_allowed_one():
 def test_a_replan_without_head_recomputes_a_tail():
     p = plan(6, figures(bandwidth=1e2, prefill=1e4), head=False)
     assert p.head == 0 and p.tail == 6
+
+
+def _brute_force(available, allowed, *, figures, recompute, head, cpu_start, link_start):
+    """Every (level, split) through `estimate_seconds`, the planner's rule spelled out: (head, levels, tail,
+    estimate) of the plan chosen, None where no plan exists."""
+    n = len(available)
+    splits = [(0, 0)]
+    if recompute and figures.prefill is not None:
+        splits = [(r, 0) for r in range(n + 1)] if head else [(0, r) for r in range(n + 1)]
+    found = []
+    for rank, level in enumerate(allowed):
+        order = list(allowed[rank:]) + list(reversed(allowed[:rank]))
+        for h, t in splits:
+            picks = [next((lv for lv in order if lv in have), None) for have in available[h:n - t]]
+            if None in picks:
+                continue
+            est = estimate_seconds(h, picks, t, chunk_tokens=C, kv_bytes=KV, figures=figures,
+                                   cpu_start=cpu_start, link_start=link_start)
+            found.append((h + t, -rank, est, h, tuple(picks), t))
+    if not found:
+        return None
+    fastest = min(f[2] for f in found)
+    chosen = min((f for f in found if f[2] <= fastest * (1 + TIE_FRACTION) + TIE_SECONDS), key=lambda f: f[:3])
+    return chosen[3:] + (chosen[2],)
+
+
+def test_the_planner_chooses_what_trying_every_plan_through_the_time_model_chooses():
+    rng = random.Random(7)
+    for case in range(400):
+        n = rng.randrange(0, 12)
+        allowed = LEVELS[rng.randrange(3):]
+        available = [frozenset(lv for lv in LEVELS if rng.random() < 0.6) for _ in range(n)]
+        fig = Figures(rng.choice([None, 10 ** rng.uniform(4, 9)]),
+                      {lv: 10 ** rng.uniform(5, 9) for lv in LEVELS if rng.random() < 0.8},
+                      {lv: r for lv, r in RATIO.items() if rng.random() < 0.7},
+                      rng.choice([None, 10 ** rng.uniform(1, 5)]), {"small": 0.12})
+        kw = dict(figures=fig, recompute=rng.random() < 0.8, head=rng.random() < 0.5,
+                  cpu_start=rng.choice([0.0, rng.uniform(0, 2)]), link_start=rng.choice([0.0, rng.uniform(0, 2)]))
+        want = _brute_force(available, allowed, **kw)
+        if want is None:
+            with pytest.raises(ValueError):
+                plan_load(available, allowed, chunk_tokens=C, kv_bytes=KV, **kw)
+            continue
+        got = plan_load(available, allowed, chunk_tokens=C, kv_bytes=KV, **kw)
+        assert (got.head, got.levels, got.tail) == want[:3], (case, kw)
+        assert got.estimate_s == pytest.approx(want[3], rel=1e-9, abs=1e-12)
 
 
 @pytest.mark.parametrize("bw,dec,head", [(1e6, 1e7, 0), (1e7, 1e6, 0), (1e6, 1e6, 2), (3e6, 2e6, 5)])
