@@ -150,31 +150,26 @@ class AdaptiveLoading:
 
     # -- planning ---------------------------------------------------------------------------------------
 
-    def _holds(self, keys: Sequence[ChunkKey], level: str) -> list[bool]:
-        """Per chunk key, whether the tier holds its copy at `level` (raises as the tier does)."""
-        return self.tier.contains([level_key(k, level) for k in keys])
-
     def holds_every_copy(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        """Per chunk key, whether the tier holds its copy at every configured level (raises as the tier does)."""
-        out = [True] * len(keys)
-        for level in self.codecs:
-            out = [o and h for o, h in zip(out, self._holds(keys, level))]
-        return out
+        """Per chunk key, whether the tier holds its copy at every configured level (one `contains` call;
+        raises as the tier does)."""
+        n = len(keys)
+        has = self.tier.contains([level_key(k, level) for level in self.codecs for k in keys]) if n else []
+        return [all(has[j * n + i] for j in range(len(self.codecs))) for i in range(n)]
 
     def available(self, refs: Sequence[ChunkRef]) -> list[frozenset[str]]:
-        """The allowed levels the tier holds for each ref (one `contains` call per level)."""
-        found: list[set[str]] = [set() for _ in refs]
-        keys = [r.key for r in refs]
-        for level in self.allowed:
-            try:
-                has = self._holds(keys, level)
-            except Exception as e:
-                log.warning("tier %s failed on contains: %s", self.tier.name, e)
-                continue
-            for s, h in zip(found, has):
-                if h:
-                    s.add(level)
-        return [frozenset(s) for s in found]
+        """The allowed levels the tier holds for each ref: one `contains` call for every level's keys (one
+        round trip to a remote tier per load); a tier that fails on it holds nothing."""
+        if not refs:
+            return []
+        keys = [level_key(r.key, level) for level in self.allowed for r in refs]
+        try:
+            has = self.tier.contains(keys)
+        except Exception as e:
+            log.warning("tier %s failed on contains: %s", self.tier.name, e)
+            return [frozenset()] * len(refs)
+        n = len(refs)
+        return [frozenset(level for j, level in enumerate(self.allowed) if has[j * n + i]) for i in range(n)]
 
     @staticmethod
     def leading(available: Sequence[frozenset[str]]) -> int:

@@ -48,6 +48,23 @@ def test_copies_are_found_from_the_content_key(tmp_path, chunks):
         [frozenset({"int8", "raw"})] * 2 + [frozenset()]
 
 
+def test_which_copies_exist_is_one_request_to_the_tier_and_a_failing_tier_holds_none(tmp_path, chunks, monkeypatch):
+    refs, cs = chunks
+    ad, tier = loading(tmp_path)
+    ad.store_levels(cs[:4])
+    calls = []
+    real = tier.contains
+    monkeypatch.setattr(tier, "contains", lambda keys, tokens=None: calls.append(len(keys)) or real(keys, tokens))
+    assert ad.available(refs[:6]) == [frozenset({"int8", "raw"})] * 4 + [frozenset()] * 2
+    assert ad.holds_every_copy([r.key for r in refs[:6]]) == [True] * 4 + [False] * 2
+    assert calls == [12, 12]  # every level's keys in one call (one round trip to a remote tier)
+
+    def down(keys, tokens=None):  # a fault that a local disk cannot produce
+        raise OSError("connection refused")
+    monkeypatch.setattr(tier, "contains", down)
+    assert ad.available(refs[:6]) == [frozenset()] * 6
+
+
 def test_a_load_replans_when_the_bandwidth_drops(tmp_path, chunks):
     refs, cs = chunks
     ad, tier = loading(tmp_path, rate=1e9)
