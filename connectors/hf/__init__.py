@@ -1,5 +1,7 @@
 """Hugging Face transformers connector: context loading from the store for a Llama-family causal LM.
 
+- `attention`: `use_gqa_attention(model)`, transformers' SDPA attention without copying a grouped-query
+  model's KV heads per query head (what the connectors run their models with; the same results).
 - `bridge`: primitives between transformers and the store's layout (layout, fingerprint, cache <-> KV,
   prefill, chunking a context, greedy decoding) and `Prefill`, a prefilled prompt.
 - `loader`: `HFConnector`, prefix reuse for one model: lookup, load, prefill the rest, store the new chunks.
@@ -7,11 +9,14 @@
   one long document).
 """
 
-from connectors.hf.bridge import (Prefill, cache_layers, cache_to_kv, compute_chunks, decode_greedy, kv_from_layers,
-                                  kv_layout, kv_to_cache, model_fingerprint, prefill_kv, run_cached)
+from connectors.hf.attention import use_gqa_attention
+from connectors.hf.bridge import (Prefill, append_kv, cache_layers, cache_to_kv, compute_chunks, decode_greedy,
+                                  kv_from_layers, kv_layout, kv_to_cache, model_fingerprint, prefill_kv,
+                                  reserved_cache, run_cached)
 from connectors.hf.loader import Generation, HFConnector, LoadReport
 from connectors.hf.sessions import ChatSession, DocumentQA, Turn
 
 __all__ = ["ChatSession", "DocumentQA", "Generation", "HFConnector", "LoadReport", "Prefill", "Turn",
            "cache_layers", "cache_to_kv", "compute_chunks", "decode_greedy", "kv_from_layers", "kv_layout",
-           "kv_to_cache", "model_fingerprint", "prefill_kv", "run_cached"]
+           "kv_to_cache", "model_fingerprint", "prefill_kv", "reserved_cache", "append_kv", "run_cached",
+           "use_gqa_attention"]

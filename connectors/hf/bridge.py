@@ -6,7 +6,9 @@
 - `prefill_kv(model, input_ids)`: run a prefill and return its KV as `[L, 2, T, H, D]` (post-RoPE keys).
 - `kv_from_layers(layers, row=, start=, end=)`: a transformers cache's per-layer keys and values
   `[B, H, T, D]` -> the store's `[L, 2, T, H, D]` (the one conversion; `cache_to_kv` is it over a whole
-  batch-1 cache); `kv_to_cache(kv, model)`: the way back, as views.
+  batch-1 cache); `kv_to_cache(kv, model)`: the way back (a copy).
+- `reserved_cache(model, capacity)` / `append_kv(cache, kv)`: a transformers cache whose layers
+  (`ReservedLayer`) append in place, and the store's KV appended to it (what a load builds chunk by chunk).
 - `Prefill`: a prefilled prompt (its cache, last logits, time and report), what the HF connector and the
   RAG API both return.
 - `run_cached(model, input_ids, cache, **kw)`: a forward that extends a transformers cache, under whichever
@@ -27,9 +29,12 @@ import numpy as np
 import torch
 import xxhash
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from kvstore.chunk import Chunk, KVLayout
 from kvstore.keys import DEFAULT_NAMESPACE, ChunkKind, chunk_refs
+
+DECODE_RESERVE = 256  # room for decoded tokens in a prompt's cache before an append moves it (then it doubles)
 
 
 def kv_layout(model) -> KVLayout:
@@ -114,12 +119,94 @@ class Prefill:
         return cache_to_kv(self.cache)
 
 
-def kv_to_cache(kv: torch.Tensor, model) -> DynamicCache:
-    """KV `[L, 2, T, H, D]` -> a transformers `DynamicCache` (batch 1) holding views of it."""
+class ReservedLayer(DynamicLayer):
+    """A transformers `DynamicLayer` whose keys and values are views of buffers with room to grow: an append
+    writes in place. `DynamicLayer` concatenates instead, copying the whole layer at every append: the first
+    tokens after a 4K-token load (~190 MB of SmolLM2's fp32 KV copied again) and every decoded token.
+
+    Appends never write below the current length, so a view taken earlier (the connector's background
+    store reads the prompt's KV through `cache_layers`) keeps its contents; a crop or a batch reshuffle
+    makes the next append move to new buffers for the same reason. Room doubles when it runs out."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = max(1, capacity)
+        self._length = 0
+        self._kbuf: torch.Tensor | None = None
+        self._vbuf: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self._kbuf = key_states.new_empty(*key_states.shape[:2], self.capacity, key_states.shape[3])
+        self._vbuf = value_states.new_empty(*value_states.shape[:2], self.capacity, value_states.shape[3])
+        self._length = 0
+        self._views()
+        self.is_initialized = True
+
+    def _views(self) -> None:
+        self.keys = self._kbuf[:, :, : self._length]
+        self.values = self._vbuf[:, :, : self._length]
+
+    def _move(self, capacity: int) -> None:
+        kbuf = self._kbuf.new_empty(*self._kbuf.shape[:2], capacity, self._kbuf.shape[3])
+        vbuf = self._vbuf.new_empty(*self._vbuf.shape[:2], capacity, self._vbuf.shape[3])
+        kbuf[:, :, : self._length] = self.keys
+        vbuf[:, :, : self._length] = self.values
+        self._kbuf, self._vbuf = kbuf, vbuf
+
+    def _adopt(self) -> None:
+        """Take `keys` / `values` as set by a `DynamicLayer` method as full buffers (the next append moves)."""
+        self._kbuf, self._vbuf, self._length = self.keys, self.values, self.keys.shape[-2]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self._length + key_states.shape[-2]
+        if end > self._kbuf.shape[-2]:
+            self._move(max(end, 2 * self._kbuf.shape[-2]))
+        self._kbuf[:, :, self._length : end] = key_states
+        self._vbuf[:, :, self._length : end] = value_states
+        self._length = end
+        self._views()
+        return self.keys, self.values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if self.is_initialized:
+            self._adopt()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.is_initialized:
+            self._adopt()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.is_initialized:
+            self._adopt()
+
+
+def reserved_cache(model, capacity: int) -> DynamicCache:
+    """An empty transformers `DynamicCache` whose full-attention layers are `ReservedLayer`s with room for
+    `capacity` tokens (a sliding-window layer keeps its own kind)."""
     cache = DynamicCache(config=model.config)
+    cache.layers = [ReservedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+def append_kv(cache: DynamicCache, kv: torch.Tensor) -> None:
+    """Append KV `[L, 2, T, H, D]` (batch 1) to every layer of `cache` (one copy, into the cache's layout)."""
     for i in range(kv.shape[0]):
         # [T, H, D] -> [B=1, H, T, D]
         cache.update(kv[i, 0].transpose(0, 1).unsqueeze(0), kv[i, 1].transpose(0, 1).unsqueeze(0), i)
+
+
+def kv_to_cache(kv: torch.Tensor, model, reserve: int = DECODE_RESERVE) -> DynamicCache:
+    """KV `[L, 2, T, H, D]` -> a transformers `DynamicCache` (batch 1) holding a copy of it, with room for
+    `reserve` more tokens before an append moves the cache (`reserved_cache`)."""
+    cache = reserved_cache(model, kv.shape[2] + reserve)
+    append_kv(cache, kv)
     return cache
 
 

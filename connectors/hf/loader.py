@@ -33,15 +33,17 @@ from typing import Collection
 import numpy as np
 import torch
 
+from connectors.hf.attention import use_gqa_attention
 from connectors.hf.bridge import (
+    DECODE_RESERVE,
     Prefill,
+    append_kv,
     cache_layers,
-    cache_to_kv,
     decode_greedy,
     kv_from_layers,
     kv_layout,
-    kv_to_cache,
     model_fingerprint,
+    reserved_cache,
     run_cached,
 )
 from kvstore.adaptive import AdaptiveReport, adaptive_candidates
@@ -87,6 +89,7 @@ class HFConnector:
     def __init__(self, model, store: TieredStore, *, namespace: str | None = None, fingerprint: str | None = None,
                  store_new: bool = True) -> None:
         self.model = model
+        use_gqa_attention(model)  # the same results; a grouped-query model's KV heads are not copied per query head
         self.store = store
         self.namespace = namespace or DEFAULT_NAMESPACE
         self.fingerprint = fingerprint or model_fingerprint(model)
@@ -113,16 +116,17 @@ class HFConnector:
         t1 = time.perf_counter()
         report.lookup_s = t1 - t0
 
-        kv = None
+        # The loaded KV goes chunk by chunk into a cache with room for the whole prompt and the first decoded
+        # tokens: no copy of the loaded KV after it arrives, and the rest of the prompt appends in place.
+        cache = reserved_cache(self.model, len(ids) + DECODE_RESERVE)
         if available:
-            kv, n_hit, reused = self._load_adaptive(prompt, refs, available, report)
+            n_hit, reused = self._load_adaptive(prompt, refs, available, report, cache)
         elif n_hit:
-            kv, n_hit, report.tokens_by_tier, report.fallback = self._load(refs[:n_hit])
+            n_hit, report.tokens_by_tier, report.fallback = self._load(refs[:n_hit], cache)
         t2 = time.perf_counter()
         report.load_s = t2 - t1
 
-        done = n_hit * self.chunk_tokens  # positions whose KV is in `kv`, loaded or recomputed
-        cache = kv_to_cache(kv, self.model) if kv is not None else None
+        done = n_hit * self.chunk_tokens  # positions whose KV is in `cache`, loaded or recomputed
         rest = prompt[done:].reshape(1, -1).to(self.model.device)
         out, cache = run_cached(self.model, rest, cache, logits_to_keep=1)  # only the last position's logits
         logits = out.logits[0, -1]
@@ -138,45 +142,43 @@ class HFConnector:
         return Prefill(prompt, cache, logits, report.ttft_s, report)
 
     def _load_adaptive(self, prompt: torch.Tensor, refs: list[ChunkRef], available: list[frozenset[str]],
-                       report: LoadReport) -> tuple[torch.Tensor, int, int]:
-        """An adaptive load of the chunks `available` covers: (their KV [L, 2, n*C, H, D], n, reused
-        tokens), n counting the recomputed leading chunks and the fetched ones; the rest is recomputed by
-        the caller with the prompt."""
+                       report: LoadReport, cache) -> tuple[int, int]:
+        """An adaptive load of the chunks `available` covers, appended to `cache`: (n, reused tokens), n
+        counting the recomputed leading chunks and the fetched ones; the rest is recomputed by the caller
+        with the prompt."""
         adaptive, c = self.store.adaptive, self.chunk_tokens
         layout = kv_layout(self.model)
         kv_bytes = layout.nbytes(c)
         plan = adaptive.plan(available, chunk_tokens=c, kv_bytes=kv_bytes, element_bytes=layout.dtype.itemsize)
         stream = adaptive.stream(refs, available, plan, chunk_tokens=c, kv_bytes=kv_bytes)
-        pieces, fetched = [], 0
+        fetched = 0
         try:
             if plan.head:  # prefilled from the tokens while the fetcher's first transfers are in flight
                 t = time.perf_counter()
-                _, cache = run_cached(self.model, prompt[: plan.head * c].reshape(1, -1).to(self.model.device),
-                                      None, logits_to_keep=1)
+                run_cached(self.model, prompt[: plan.head * c].reshape(1, -1).to(self.model.device), cache,
+                           logits_to_keep=1)
                 adaptive.observe_prefill(plan.head * c, time.perf_counter() - t)
-                pieces.append(cache_to_kv(cache))  # [L, 2, head*C, H, D]
             for i, chunk in stream:
                 if chunk is None or chunk.kv.dtype != self.model.dtype:
                     report.fallback = f"chunk {i} could not be loaded at its level; recomputed from token {i * c}"
                     break
-                pieces.append(chunk.kv.to(self.model.device, non_blocking=True))
+                append_kv(cache, chunk.kv.to(self.model.device, non_blocking=True))
                 fetched += 1
         finally:
             report.adaptive = stream.report()
-        n = plan.head + fetched
         if fetched:
             report.tokens_by_tier = {adaptive.tier.name: fetched * c}
-        kv = torch.cat(pieces, dim=2) if pieces else None  # [L, 2, n*C, H, D]
-        return kv, n, fetched * c
+        return plan.head + fetched, fetched * c
 
-    def _load(self, refs: list[ChunkRef]) -> tuple[torch.Tensor | None, int, dict[str, int], str | None]:
-        """Leading chunks of `refs` as one KV tensor [L, 2, n*C, H, D]; stops at the first failure."""
+    def _load(self, refs: list[ChunkRef], cache) -> tuple[int, dict[str, int], str | None]:
+        """Leading chunks of `refs` appended to `cache`: (n, tokens by tier, fallback); stops at the first
+        failure."""
         sources: list[str | None] = [None] * len(refs)
         try:
             chunks = self.store.get(refs, sources=sources)
         except Exception as e:  # the store degrades per tier; anything left is still only a miss here
             log.warning("loading %d chunks failed, recomputing them: %s", len(refs), e)
-            return None, 0, {}, f"load failed ({type(e).__name__}: {e})"
+            return 0, {}, f"load failed ({type(e).__name__}: {e})"
         n = 0
         fallback = None
         for c in chunks:
@@ -185,14 +187,13 @@ class HFConnector:
                             f"recomputed from token {n * self.chunk_tokens}")
                 break
             n += 1
-        if not n:
-            return None, 0, {}, fallback
         by_tier: dict[str, int] = {}
         for s in sources[:n]:  # set for every chunk the store returned
             by_tier[s] = by_tier.get(s, 0) + self.chunk_tokens
         device = self.model.device
-        kv = torch.cat([c.kv.to(device, non_blocking=True) for c in chunks[:n]], dim=2)  # [L, 2, n*C, H, D]
-        return kv, n, by_tier, fallback
+        for c in chunks[:n]:
+            append_kv(cache, c.kv.to(device, non_blocking=True))
+        return n, by_tier, fallback
 
     # -- generate ------------------------------------------------------------------------------------
 

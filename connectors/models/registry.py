@@ -175,4 +175,7 @@ def load_model(name_or_dir: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtyp
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
     model.eval()
+    from connectors.hf.attention import use_gqa_attention
+
+    use_gqa_attention(model)  # the same results, without copying the KV heads per query head
     return model, tokenizer

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 import torch
 
 from blend import BlendConfig, BlendReport, LayerDriver, Part, blend, passage_refs, store_segments
-from connectors.hf import Prefill, compute_chunks, decode_greedy, kv_to_cache, model_fingerprint, run_cached
+from connectors.hf import (Prefill, compute_chunks, decode_greedy, kv_to_cache, model_fingerprint, run_cached,
+                           use_gqa_attention)
 from connectors.precompute import Manifest
 from connectors.rag.errors import RagError
 from connectors.rag.passages import ManifestLoad, Passage, manifest_passages
@@ -98,6 +99,7 @@ class RagAnswer:
 class RagPipeline:
     def __init__(self, model, tokenizer, store, config: RagConfig = RagConfig()) -> None:
         self.model = model
+        use_gqa_attention(model)  # the same results; a grouped-query model's KV heads are not copied per query head
         self.tokenizer = tokenizer
         self.store = store
         self.config = config
