@@ -19,9 +19,9 @@ TTFT = `HFConnector.prefill` from token ids to the first token's logits:
   change (column `adaptive 1st`, re-planning as it goes) is reported beside the median of the repeats;
 - adaptive lossless: the same with floor "lossless" (zstd or recompute), whose first token must equal
   the full prefill's.
-Median of repeats, the runs of one bandwidth interleaved (a round runs every loader once). The best fixed
-choice is the one with the lowest median; "vs best" is the median over the rounds of adaptive's TTFT over
-that choice's in the same round (drift between rounds, 10-15% on a shared machine, cancels), beside the
+Median of repeats (15; `--quick` 7), the runs of one bandwidth interleaved (a round runs every loader
+once). The best fixed choice is the one with the lowest median; "vs best" is the median over the rounds of
+adaptive's TTFT over that choice's in the same round (drift between rounds, 10-15% on a shared machine, cancels), beside the
 ratio of the two medians and of the two minima. JSON: `adaptive_worst_ratio_to_best_fixed` ("vs best",
 recompute included, worst over the bandwidths; the target is <= 1.1), `adaptive_worst_ratio_of_medians`,
 the same for the lossless floor against its own choices (zstd, recompute), per-bandwidth milliseconds,
@@ -63,14 +63,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="3 bandwidths instead of 7")
     ap.add_argument("--json")
-    ap.add_argument("--repeats", type=int, default=7,
-                    help="loads per method and bandwidth (median); one plan's TTFT varies up to 1.8x between loads")
+    ap.add_argument("--repeats", type=int,
+                    help="loads per method and bandwidth (median; default 15, --quick 7): one plan's TTFT varies by "
+                         "10-15%% between loads, and the headline is the worst of the bandwidths' medians")
     ap.add_argument("--tokens", type=int, default=4096, help="context tokens (a multiple of 256)")
     ap.add_argument("--link", choices=("disk", "sidecar"), default="disk",
                     help="where the copies are: a disk tier, or a `kvstore serve` sidecar over loopback HTTP")
     add_model_option(ap)
     args = ap.parse_args()
-    repeats = args.repeats
+    repeats = args.repeats or (7 if args.quick else 15)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     model, tok, info = load_bench_model(args.model)
     fp = model_fingerprint(model)

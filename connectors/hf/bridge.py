@@ -126,7 +126,10 @@ class ReservedLayer(DynamicLayer):
 
     Appends never write below the current length, so a view taken earlier (the connector's background
     store reads the prompt's KV through `cache_layers`) keeps its contents; a crop or a batch reshuffle
-    makes the next append move to new buffers for the same reason. Room doubles when it runs out."""
+    makes the next append move to new buffers for the same reason. Room doubles when it runs out.
+    Each layer has its own buffers, allocated at its first append: one block for all layers (one copy per
+    chunk instead of one per layer) measured 10-25% slower TTFT, its ~200 MB fresh pages faulted in at every
+    load where per-layer buffers of a few MB are reused by the allocator."""
 
     def __init__(self, capacity: int) -> None:
         super().__init__()
