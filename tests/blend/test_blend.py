@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 
 from blend import BlendConfig, BlendInputError, BlendModelError, Segment, blend
-from connectors.hf import cache_to_kv, kv_to_cache
+from connectors.hf import cache_to_kv, kv_to_cache, run_cached
 from kernels import rerotate_keys, rope_from_config
 
 
@@ -21,8 +21,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _full(model, segs):
     ids = torch.cat([s.tokens for s in segs])
     with torch.inference_mode():
-        out = model(ids[None], use_cache=True)
-    return ids, out.logits[0, -1], cache_to_kv(out.past_key_values, model.config.num_hidden_layers)
+        out, cache = run_cached(model, ids[None])
+    return ids, out.logits[0, -1], cache_to_kv(cache, model.config.num_hidden_layers)
 
 
 @torch.inference_mode()
@@ -42,8 +42,7 @@ def _naive(model, segs):
                 k = rerotate_keys(s.kv[layer, 0][None], old, new, rope)[0]  # [T, H, D]
                 cache.update(k.transpose(0, 1)[None], s.kv[layer, 1].transpose(0, 1)[None], layer)
         else:
-            out = model(s.tokens[None], past_key_values=cache, use_cache=True,
-                        position_ids=torch.arange(pos, pos + n)[None])
+            out, cache = run_cached(model, s.tokens[None], cache, position_ids=torch.arange(pos, pos + n)[None])
             logits = out.logits[0, -1]
         pos += n
     return logits, cache_to_kv(cache, model.config.num_hidden_layers)
@@ -151,9 +150,8 @@ def test_question_rows_are_always_computed(shipped, make_segments):
     # The question's KV and the logits are what the model itself computes over the blended KV before it.
     cache = kv_to_cache(res.kv[:, :, : total - q_len].clone(), model)
     with torch.inference_mode():
-        out = model(segs[-1].tokens[None], past_key_values=cache, use_cache=True,
-                    position_ids=q_rows[None])
-    kv_q = cache_to_kv(out.past_key_values, 4)[:, :, total - q_len :]
+        out, cache = run_cached(model, segs[-1].tokens[None], cache, position_ids=q_rows[None])
+    kv_q = cache_to_kv(cache, 4)[:, :, total - q_len :]
     assert _rel(res.kv[:, :, total - q_len :], kv_q) <= 1e-4
     assert _rel(res.logits, out.logits[0, -1]) <= 1e-4
 

@@ -9,6 +9,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.models import evalset  # noqa: E402
+from connectors.hf import run_cached  # noqa: E402
 from connectors.models import load_model, model_path  # noqa: E402
 
 # Held-out 1-hop questions (teacher-forced greedy match of the whole target): the shipped model gets
@@ -58,8 +59,8 @@ def test_incremental_decoding_matches_full_forward(shipped):
     ids = tok("The city of Varnhold lies in Eskaria. Trains leave twice a day.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         full = model(input_ids=ids).logits[0, -1]  # [V]
-        out = model(input_ids=ids[:, :-1], use_cache=True)
-        step = model(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits[0, -1]
+        _, cache = run_cached(model, ids[:, :-1])
+        step = run_cached(model, ids[:, -1:], cache)[0].logits[0, -1]
     assert torch.allclose(full, step, atol=1e-4, rtol=1e-4)
 
 

