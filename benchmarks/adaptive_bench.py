@@ -21,8 +21,8 @@ TTFT = `HFConnector.prefill` from token ids to the first token's logits:
   the full prefill's.
 Median of repeats (15; `--quick` 7), the runs of one bandwidth interleaved (a round runs every loader
 once). The best fixed choice is the one with the lowest median; "vs best" is the median over the rounds of
-adaptive's TTFT over that choice's in the same round (drift between rounds, 10-15% on a shared machine, cancels), beside the
-ratio of the two medians and of the two minima. JSON: `adaptive_worst_ratio_to_best_fixed` ("vs best",
+adaptive's TTFT over that choice's in the same round (drift between rounds, 10-15% on a shared machine,
+cancels), beside the ratio of the two medians and of the two minima. JSON: `adaptive_worst_ratio_to_best_fixed` ("vs best",
 recompute included, worst over the bandwidths; the target is <= 1.1), `adaptive_worst_ratio_of_medians`,
 the same for the lossless floor against its own choices (zstd, recompute), per-bandwidth milliseconds,
 `lossless_first_token_identical`, `model`, `model_layers`.

@@ -150,26 +150,26 @@ class AdaptiveLoading:
 
     # -- planning ---------------------------------------------------------------------------------------
 
-    def holds_every_copy(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        """Per chunk key, whether the tier holds its copy at every configured level (one `contains` call;
-        raises as the tier does)."""
+    def _held(self, keys: Sequence[ChunkKey], levels: Sequence[str]) -> list[frozenset[str]]:
+        """Per chunk key, which of `levels` the tier holds a copy at: one `contains` call for every level's
+        keys (one round trip to a remote tier); raises as the tier does."""
+        if not keys:
+            return []
         n = len(keys)
-        has = self.tier.contains([level_key(k, level) for level in self.codecs for k in keys]) if n else []
-        return [all(has[j * n + i] for j in range(len(self.codecs))) for i in range(n)]
+        has = self.tier.contains([level_key(k, level) for level in levels for k in keys])
+        return [frozenset(level for j, level in enumerate(levels) if has[j * n + i]) for i in range(n)]
+
+    def holds_every_copy(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """Per chunk key, whether the tier holds its copy at every configured level (raises as the tier does)."""
+        return [len(held) == len(self.codecs) for held in self._held(keys, list(self.codecs))]
 
     def available(self, refs: Sequence[ChunkRef]) -> list[frozenset[str]]:
-        """The allowed levels the tier holds for each ref: one `contains` call for every level's keys (one
-        round trip to a remote tier per load); a tier that fails on it holds nothing."""
-        if not refs:
-            return []
-        keys = [level_key(r.key, level) for level in self.allowed for r in refs]
+        """The allowed levels the tier holds for each ref; a tier that fails on `contains` holds nothing."""
         try:
-            has = self.tier.contains(keys)
+            return self._held([r.key for r in refs], self.allowed)
         except Exception as e:
             log.warning("tier %s failed on contains: %s", self.tier.name, e)
             return [frozenset()] * len(refs)
-        n = len(refs)
-        return [frozenset(level for j, level in enumerate(self.allowed) if has[j * n + i]) for i in range(n)]
 
     @staticmethod
     def leading(available: Sequence[frozenset[str]]) -> int:

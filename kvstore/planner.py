@@ -126,8 +126,8 @@ def plan_load(available: Sequence[Collection[str]], allowed: Sequence[str], *, c
     n = len(available)
     if not allowed:
         raise ValueError("no level is allowed")
-    splits = recompute and figures.prefill is not None
-    # prefill[k]: k chunks recomputed; m: the fetched chunks of each split (all of them without splits)
+    splits = recompute and figures.prefill is not None  # else only the plan that fetches every chunk
+    # prefill[k]: the seconds to recompute k chunks
     prefill = np.array([0.0] + [figures.prefill_seconds(k * chunk_tokens) for k in range(1, n + 1)]) \
         if splits else np.zeros(n + 1)
     missing = [i for i, have in enumerate(available) if not any(lv in have for lv in allowed)]
@@ -141,7 +141,6 @@ def plan_load(available: Sequence[Collection[str]], allowed: Sequence[str], *, c
         after = np.concatenate([np.cumsum(decode[::-1])[::-1], [0.0]])  # after[k]: the decodes from k on
         sent = np.concatenate([[0.0], np.cumsum(fetch)])  # sent[k]: the transfers before chunk k
         reach = sent[1:] + after[:-1]  # chunk k's arrival (from the first transfer) + the decodes from k on
-        est = np.full(n + 1, np.inf)
         if head:  # split h: chunks h.. fetched, the transfers starting with chunk h
             latest = np.concatenate([np.maximum.accumulate(reach[::-1])[::-1], [-np.inf]])
             est = np.maximum(cpu_start + prefill + after, link_start + latest - sent)

@@ -7,8 +7,8 @@ copied ~570 MB of KV, about 60% of that forward. torch's SDPA takes the KV heads
 (`enable_gqa`), with the same kernel and the same results (bit for bit on CPU); transformers enables that
 only without a mask, because CUDA's fast kernels need it so.
 
-- `ATTENTION`: the name `use_gqa_attention` registers with transformers' `AttentionInterface` (and its
-  mask format, sdpa's, with `AttentionMaskInterface`).
+- `ATTENTION`: its name, registered with transformers' `AttentionInterface` on import (and its mask
+  format, sdpa's, with `AttentionMaskInterface`).
 - `use_gqa_attention(model)`: switches a model that runs transformers' "sdpa" to it (other
   implementations are left as they are); idempotent. The connectors call it on the model they are given.
 """
@@ -42,16 +42,13 @@ def _gqa_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                                   is_causal=is_causal, **kwargs)
 
 
-def _register() -> None:
-    if ATTENTION not in AttentionInterface._global_mapping:
-        AttentionInterface.register(ATTENTION, _gqa_sdpa)
-        AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+AttentionInterface.register(ATTENTION, _gqa_sdpa)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
 def use_gqa_attention(model) -> None:
     """Run `model`'s attention through `ATTENTION` where it runs transformers' "sdpa"."""
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return
-    _register()
     model.set_attn_implementation(ATTENTION)
     log.debug("%s: attention %s", type(model).__name__, ATTENTION)
