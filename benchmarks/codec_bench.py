@@ -7,9 +7,10 @@ On SmolLM2-135M-Instruct's KV by default (contexts of 512 tokens from `benchmark
 the tiny model on its held-out RAG prompts): bits per element with all metadata
 (payload + codec params), relative reconstruction error per layer, and next-token fidelity: the context's
 KV goes through the codec and the continuation is run on the decoded KV, against the unquantized KV
-(KL and top-1 agreement). Speed on a random 32 layers x 8 KV heads x 128 chunk (fp16, 2 threads), in MB/s
+(KL and top-1 agreement). Speed on random 32 layers x 8 KV heads x 128 chunks (fp16, 2 threads), in MB/s
 of fp16 input/output, beside a plain copy of the same tensor measured in the same run; and the cachegen
-levels again on one 256-token chunk of the model's own KV (fp16) with its codebook. Also: the
+levels again on 256-token chunks of the model's own KV (fp16) with its codebook. Each speed row rotates
+through three distinct chunks (median of 6 repeats with --quick, 15 without). Also: the
 anchor-delta measurement (ideal code length of the same symbols with and without delta coding).
 """
 
@@ -132,29 +133,38 @@ def delta_measurement(chunks: list[torch.Tensor], train: list[torch.Tensor]) -> 
     return res
 
 
-def speed(codecs, repeats: int, kv: torch.Tensor | None = None) -> list[dict]:
-    """Encode / decode MB/s of fp16 KV beside a copy of it, 2 threads: on `kv` [L, 2, T, H, D] fp16 with the
-    codecs as given, or (None) on a random 32 x 8 x 128 chunk with random codebooks for cachegen."""
+SPEED_CHUNKS = 3  # distinct chunks each speed row rotates through
+
+
+def speed(codecs, repeats: int, kvs: list[torch.Tensor] | None = None) -> list[dict]:
+    """Encode / decode MB/s of fp16 KV beside a copy of it, 2 threads: on the chunks `kvs` (each
+    [L, 2, T, H, D] fp16) with the codecs as given, or (None) on `SPEED_CHUNKS` random 32 x 8 x 128 chunks
+    with random codebooks for cachegen. Each repeat encodes, decodes and copies the next chunk in turn,
+    as a loader meets a stream of distinct chunks (a decoder keeps per-thread tables that follow the
+    chunk's steps); one round over the chunks warms up first."""
     rans.set_threads(2)
     torch.set_num_threads(2)
-    real = kv is not None
+    real = kvs is not None
     if not real:
-        kv = torch.randn(32, 2, CHUNK, 8, 128).to(torch.float16)
-    mb = kv.numel() * 2 / 1e6
-    dst = torch.empty_like(kv)
+        kvs = [torch.randn(32, 2, CHUNK, 8, 128).to(torch.float16) for _ in range(SPEED_CHUNKS)]
+    mb = kvs[0].numel() * 2 / 1e6
+    dst = torch.empty_like(kvs[0])
     rows = []
     for name, codec in codecs:
         if not real and name.startswith("cachegen") and codec.codebook is not None:
-            codec = CacheGenCodec(codec.level, _random_codebook(kv, codec.level))
-        p = codec.encode(kv)
+            codec = CacheGenCodec(codec.level, _random_codebook(kvs[0], codec.level))
+        ps = [codec.encode(kv) for kv in kvs]
+        for p in ps:
+            codec.decode(memoryview(p), dst)
         enc, dec, cp = [], [], []
-        for _ in range(repeats):
+        for r in range(repeats):
+            kv, p = kvs[r % len(kvs)], ps[r % len(kvs)]
             t = time.perf_counter(); codec.encode(kv); enc.append(time.perf_counter() - t)
             t = time.perf_counter(); codec.decode(memoryview(p), dst); dec.append(time.perf_counter() - t)
             t = time.perf_counter(); dst.copy_(kv); cp.append(time.perf_counter() - t)
         e, d, c = statistics.median(enc), statistics.median(dec), statistics.median(cp)
         rows.append({"codec": name, "encode_mb_s": mb / e, "decode_mb_s": mb / d, "copy_mb_s": mb / c,
-                     "bits": len(p) * 8 / kv.numel()})
+                     "bits": sum(len(p) for p in ps) * 8 / (kvs[0].numel() * len(ps))})
     return rows
 
 
@@ -225,12 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     delta = delta_measurement(chunks[half:], chunks[:half])
     print("anchor-delta measurement (ideal bits/elem, level-2 symbols, same error): " + ", ".join(f"{k} {v:.3f}" for k, v in delta.items()))
     timed = [(n, c) for n, c in codecs if n in ("zstd", "int8", "kivi2", "cachegen-2 per-chunk table") or n[:9] == "cachegen-"]
-    sp = speed(timed, 3 if args.quick else 7)
+    repeats = 2 * SPEED_CHUNKS if args.quick else 5 * SPEED_CHUNKS
+    sp = speed(timed, repeats)
     print_table(["codec (32x8x128 fp16, 2 threads)", "encode MB/s", "decode MB/s", "copy MB/s", "decode / copy"],
                 [[r["codec"], r["encode_mb_s"], r["decode_mb_s"], r["copy_mb_s"], r["decode_mb_s"] / r["copy_mb_s"]] for r in sp])
-    # the same on one chunk of the model's own KV, with its codebook (the sink section included where it has one)
-    sp_model = speed([(n, c) for n, c in timed if n.startswith("cachegen")], 3 if args.quick else 7,
-                     chunks[0].to(torch.float16))
+    # the same on chunks of the model's own KV, with its codebook (the sink section included where it has one)
+    sp_model = speed([(n, c) for n, c in timed if n.startswith("cachegen")], repeats,
+                     [ch.to(torch.float16).contiguous() for ch in chunks[:SPEED_CHUNKS]])
     print_table([f"codec ({info['model']} chunk, fp16, 2 threads)", "encode MB/s", "decode MB/s", "copy MB/s", "decode / copy"],
                 [[r["codec"], r["encode_mb_s"], r["decode_mb_s"], r["copy_mb_s"], r["decode_mb_s"] / r["copy_mb_s"]] for r in sp_model])
     cg2 = next(r for r in sp if r["codec"] == "cachegen-2")

@@ -193,6 +193,33 @@ def test_value_tables_round_like_torch(dtype):
     assert np.array_equal(got, want)
 
 
+def test_value_tables_kept_between_calls_follow_every_step_change():
+    """The per-thread value tables are rebuilt only where a step changed: a sequence of calls that
+    changes some steps, alternates output dtypes and levels (more than are kept) and returns to earlier
+    ones gives what a table built from scratch gives, every time."""
+    from codec.cachegen import _OUT_BITS, dequantize_values
+
+    rng = np.random.default_rng(3)
+    base = ((2.0 ** rng.uniform(-12, 4, 500)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+    def fresh(bits, level, dtype):
+        step = torch.from_numpy(_bf16_to_f32(bits).copy())
+        q = torch.arange(level.alphabet, dtype=torch.float32) - level.m
+        return (q[None, :] * step[:, None]).to(dtype).view(_OUT_BITS[dtype][0]).numpy()
+
+    bits = base.copy()
+    calls = [(2, torch.float16), (2, torch.float16), (2, torch.float32), (3, torch.float16), (2, torch.float16),
+             (1, torch.bfloat16), (2, torch.float16), (2, torch.float32)]
+    for i, (lv, dtype) in enumerate(calls):
+        if i % 2:
+            changed = rng.choice(bits.size, 7, replace=False)
+            bits[changed] = base[changed] + rng.integers(1, 50, 7).astype(np.uint16)
+        got = dequantize_values(bits, LEVELS[lv], dtype)
+        assert np.array_equal(got, fresh(bits, LEVELS[lv], dtype).view(got.dtype)), (i, lv, dtype)
+    assert np.array_equal(dequantize_values(base, LEVELS[2], torch.float16),
+                          fresh(base, LEVELS[2], torch.float16).view(np.uint16))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_encode_like_their_float32_values(dtype):
     """16-bit KV is read as bits (no conversion pass): the payload equals the float32 copy's."""
