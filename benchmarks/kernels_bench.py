@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible here (use --device cpu or auto)")
     backend = resolve_backend(args.backend, device)
     repeats = (5 if args.quick else 9) if device.type == "cpu" else (10 if args.quick else 30)
     figures = run(device, backend, args.quick, repeats)["figures"]
