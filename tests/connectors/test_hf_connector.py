@@ -67,6 +67,26 @@ def test_memory_tier_hits_generate_the_same_tokens(shipped, text_ids):
         assert r.ttft_s >= r.load_s and r.fallback is None
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_memory_and_disk_hits_on_cuda_generate_the_same_tokens(text_ids, tmp_path):
+    """CUDA twin of the memory- and disk-tier tests above (which run everywhere): the model on the GPU, the
+    stored KV moved to it chunk by chunk, the tokens those of plain generation on the same GPU."""
+    model, _ = load_model("tiny", torch.float32)
+    model = model.to("cuda")
+    ids = text_ids[:300]
+    t = torch.from_numpy(np.asarray(ids, dtype=np.int64)).reshape(1, -1).cuda()
+    with torch.inference_mode():
+        ref = model.generate(t, max_new_tokens=NEW, do_sample=False, pad_token_id=0)[0, t.shape[1]:].tolist()
+    for store in (memory_store(), disk_store(tmp_path, "zstd")):
+        with HFConnector(model, store) as conn:
+            assert conn.generate(ids, NEW).tokens == ref
+            conn.wait_stored()
+            second = conn.generate(ids, NEW)
+        assert second.tokens == ref
+        assert second.report.reused_tokens == (299 // CT) * CT
+
+
 @pytest.mark.parametrize("codec", ["raw", "zstd"])
 def test_disk_tier_hits_generate_the_same_tokens(shipped, text_ids, tmp_path, codec):
     model, _ = shipped
