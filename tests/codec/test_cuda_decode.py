@@ -77,3 +77,25 @@ def test_cuda_decoder_bit_exact_on_gpu():
     b = torch.empty_like(kv, device="cuda")
     decode_cuda(codec, memoryview(p), b)
     assert torch.equal(a.view(torch.int16), b.cpu().view(torch.int16))
+
+
+def test_cuda_decoder_compiles_for_hopper():
+    """The CUDA decoder type-checks and compiles to PTX for sm_90 (H100 / H200) where numba reaches NVVM
+    without a GPU: the simulator runs the kernel as Python and types nothing, so this is what catches a
+    typing error before a GPU session does."""
+    import numba
+    from numba import cuda
+    from numba import types as nt
+    from numba.cuda.cudadrv.error import CudaSupportError
+
+    from codec.cuda_decode import _decode_kernel
+
+    for out in (nt.int16, nt.int32):  # float16/bfloat16 and float32 output bits
+        sig = (nt.uint16[::1], nt.int64[::1], nt.int64, nt.int64, nt.int64, nt.uint32[:, ::1], nt.uint32[:, ::1],
+               nt.uint8[:, ::1], out[:, ::1], out[::1], nt.int32[::1])
+        try:
+            ptx, _ = cuda.compile_ptx(_decode_kernel.py_func, sig, cc=(9, 0))
+        except (CudaSupportError, OSError) as e:  # no NVVM, or this numba wants a driver to compile
+            pytest.skip(f"numba {numba.__version__} cannot compile CUDA code here without a GPU driver "
+                        f"({type(e).__name__})")
+        assert ".target sm_90" in ptx and ".entry" in ptx
