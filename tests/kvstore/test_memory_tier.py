@@ -121,6 +121,32 @@ def test_lru_order(chunk_factory):
     assert tier.stats.evictions == 3
 
 
+def _device_tier_round_trip(device: str, chunk_factory, same_bits) -> None:
+    """Put, get (as the tier's copies and into host tensors), LRU eviction and delete on `device`."""
+    tier = MemoryTier(slots(3), device=device)
+    a, b, c, d = (chunk_factory(i, TINY, dtype=dt) for i, dt in
+                  enumerate([torch.float16, torch.bfloat16, torch.float32, torch.float16]))
+    assert tier.put([a, b, c]) == [True] * 3
+    for g, want in zip(tier.get([a.key, b.key, c.key]), [a, b, c]):
+        assert g.kv.device.type == torch.device(device).type and same_bits(g.kv.cpu(), want.kv)
+    out = torch.empty_like(b.kv)  # host memory
+    assert tier.get([b.key], [out])[0].kv is out and same_bits(out, b.kv)
+    tier.put([d])  # evicts a, the least recently used
+    assert tier.contains([a.key, b.key, c.key, d.key]) == [False, True, True, True]
+    assert tier.delete([b.key, c.key, d.key]) == 3 and tier.usage().used_bytes == 0
+
+
+def test_cpu_tier_round_trip(chunk_factory, same_bits):
+    _device_tier_round_trip("cpu", chunk_factory, same_bits)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_tier_round_trip(chunk_factory, same_bits):
+    """CUDA twin of test_cpu_tier_round_trip: the arena in device memory, chunks put from the host."""
+    _device_tier_round_trip("cuda", chunk_factory, same_bits)
+
+
 def test_eviction_never_drops_a_pinned_entry(chunk_factory):
     tier = MemoryTier(slots(2))
     a, b, c = (chunk_factory(i, TINY) for i in range(3))
