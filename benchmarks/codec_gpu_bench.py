@@ -23,53 +23,36 @@ import itertools
 import os
 import statistics
 import sys
-import time
 
-import numpy as np
 import torch
 
 from benchmarks.codec_bench import CHUNK, SPEED_CHUNKS, _random_codebook
-from benchmarks.common import print_table, write_json
+from benchmarks.common import paired, print_table, write_json
 from codec import rans
 from codec.cachegen import CacheGenCodec
-from codec.cachegen_quant import _OUT_BITS, dequantize_values
 
 SHAPE = (32, 2, CHUNK, 8, 128)  # [L, 2, T, H, D]: an 8B model's chunk
 DEVICE = "cuda"
 
 
-def _median_s(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
+def _synced(fn):
+    """fn, then a wait for the GPU: what host wall-clock timing of GPU work needs."""
+    def run():
         fn()
         torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return run
 
 
 def _kernel_ms(codec: CacheGenCodec, payload: bytes, out: torch.Tensor, repeats: int) -> float:
     """The CUDA kernel alone, every input already on the device (median ms, CUDA events)."""
-    from numba import cuda
+    from codec.cuda_decode import prepare
 
-    from codec.cuda_decode import THREADS, _decode_kernel, _tables_on_device
-
-    p = codec.parse(memoryview(payload), tuple(out.shape))
-    vals = dequantize_values(p.step_bits, p.level, out.dtype)
-    vals = cuda.to_device(vals.view(np.int16 if vals.itemsize == 2 else np.int32))
-    flat = out.view(_OUT_BITS[out.dtype][0]).reshape(-1)
-    dst = cuda.as_cuda_array(flat) if flat.is_cuda else flat.numpy()
-    freq, cum, lut = _tables_on_device(p.tables)
-    words, offsets = cuda.to_device(p.words), cuda.to_device(p.offsets)
-    status = cuda.device_array(p.offsets.size - 1, dtype=np.int32)
-    n = p.offsets.size - 1
-    grid = (n + THREADS - 1) // THREADS
+    launch = prepare(codec, memoryview(payload), out)
     times = []
     for _ in range(repeats + 1):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        _decode_kernel[grid, THREADS](words, offsets, p.tokens, p.channels, p.group, freq, cum, lut, vals, dst, status)
+        launch.run()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
@@ -95,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     gb = kvs[0].numel() * 2 / 1e9
     pinned = kvs[0].pin_memory()
     on_gpu = torch.empty_like(kvs[0], device=DEVICE)
-    copy_s = _median_s(lambda: on_gpu.copy_(pinned, non_blocking=True), repeats)
     codecs = [(f"cachegen-{lv}", CacheGenCodec(lv, _random_codebook(kvs[0], lv))) for lv in (1, 2, 3, 4)]
     codecs.append(("cachegen-2 per-chunk tables", CacheGenCodec(2)))
     rows, table = [], []
@@ -107,15 +89,17 @@ def main(argv: list[str] | None = None) -> int:
             codec.decode(memoryview(p), host)
             decode_cuda(codec, memoryview(p), on_gpu)
             exact &= torch.equal(host.view(torch.int16), on_gpu.cpu().view(torch.int16))
-        turn = itertools.count()
+        gpu_turn, cpu_turn = itertools.count(), itertools.count()
 
         def gpu_decode():
-            decode_cuda(codec, memoryview(payloads[next(turn) % len(payloads)]), on_gpu)
+            decode_cuda(codec, memoryview(payloads[next(gpu_turn) % len(payloads)]), on_gpu)
 
         def cpu_decode():
-            codec.decode(memoryview(payloads[next(turn) % len(payloads)]), host)
+            codec.decode(memoryview(payloads[next(cpu_turn) % len(payloads)]), host)
 
-        gpu_s, cpu_s = _median_s(gpu_decode, repeats), _median_s(cpu_decode, repeats)
+        # the decode beside the uncompressed copy (and the CPU decoder), in turn: the same machine state
+        gpu_s, copy_s, cpu_s = paired(_synced(gpu_decode), _synced(lambda: on_gpu.copy_(pinned, non_blocking=True)),
+                                      repeats, cpu_decode)
         kernel_ms = _kernel_ms(codec, payloads[0], on_gpu, repeats)
         row = {"codec": name, "bits": sum(len(p) for p in payloads) * 8 / (kvs[0].numel() * len(payloads)),
                "bit_exact": bool(exact), "gpu_decode_gb_s": gb / gpu_s, "gpu_kernel_gb_s": gb / (kernel_ms / 1e3),

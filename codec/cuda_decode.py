@@ -5,7 +5,8 @@ path), uploads the stream words, the per-chunk step values and (once per table s
 and runs one thread per stream writing the output dtype's bits straight into `out` (a CUDA tensor). The
 arithmetic is the CPU kernel's, integer for integer, and the symbol -> value table is computed on the host
 for both, so the output is bit-exact with `CacheGenCodec.decode`; sink tokens (payload version 2) are
-then written over by the same `Parsed.write_sinks` as on the CPU.
+then written over by the same `Parsed.write_sinks` as on the CPU. `prepare` is its part up to the
+kernel's launch (a `Launch`), which `benchmarks.codec_gpu_bench` times the kernel alone with.
 
 Tested on the CPU through numba's simulator (`NUMBA_ENABLE_CUDASIM=1`, set before numba is imported),
 where `out` may be a CPU tensor.
@@ -13,12 +14,14 @@ where `out` may be a CPU tensor.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from numba import cuda
 
 from codec.base import CodecError
-from codec.cachegen import CacheGenCodec
+from codec.cachegen import CacheGenCodec, Parsed
 from codec.cachegen_quant import _OUT_BITS, dequantize_values
 from codec.rans import BAD_STATE, LUT_SHIFT, OK, OVERRUN, PREC, RANS_L, TOTAL, CodingTables
 
@@ -76,8 +79,23 @@ def _tables_on_device(t: CodingTables):
     return hit[1:]
 
 
-def decode_cuda(codec: CacheGenCodec, payload: memoryview, out: torch.Tensor) -> None:
-    """payload -> out [L, 2, T, H, D] on a CUDA device (or the CPU under the simulator)."""
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """One payload's decode, uploaded: `run()` launches the kernel (asynchronously); `status` holds each
+    stream's status afterwards."""
+
+    parsed: Parsed
+    grid: int
+    args: tuple
+    status: object  # device array [n_streams] int32
+
+    def run(self) -> None:
+        _decode_kernel[self.grid, THREADS](*self.args)
+
+
+def prepare(codec: CacheGenCodec, payload: memoryview, out: torch.Tensor) -> Launch:
+    """Parse and check the payload on the host, upload its words and value table (the coding tables once per
+    table set) and bind `out` [L, 2, T, H, D]: everything up to the kernel's launch."""
     if out.dtype not in _OUT_BITS or not out.is_contiguous() or out.dim() != 5:
         raise CodecError(f"cachegen decodes into a contiguous 5-d float tensor, got {out.dtype} {tuple(out.shape)}")
     p = codec.parse(payload, tuple(out.shape))
@@ -86,18 +104,24 @@ def decode_cuda(codec: CacheGenCodec, payload: memoryview, out: torch.Tensor) ->
     flat = out.view(ibits).reshape(-1)
     dst = cuda.as_cuda_array(flat) if flat.is_cuda else flat.numpy()
     freq, cum, lut = _tables_on_device(p.tables)
-    status = cuda.device_array(p.offsets.size - 1, dtype=np.int32)
     n = p.offsets.size - 1
+    status = cuda.device_array(n, dtype=np.int32)
     vals = vals.view(np.int16 if vals.itemsize == 2 else np.int32)  # the same bits, typed as `out`'s view
-    _decode_kernel[(n + THREADS - 1) // THREADS, THREADS](
-        cuda.to_device(p.words), cuda.to_device(p.offsets), p.tokens, p.channels, p.group, freq, cum, lut,
-        cuda.to_device(vals), dst, status)
-    st = status.copy_to_host()
+    args = (cuda.to_device(p.words), cuda.to_device(p.offsets), p.tokens, p.channels, p.group, freq, cum, lut,
+            cuda.to_device(vals), dst, status)
+    return Launch(p, (n + THREADS - 1) // THREADS, args, status)
+
+
+def decode_cuda(codec: CacheGenCodec, payload: memoryview, out: torch.Tensor) -> None:
+    """payload -> out [L, 2, T, H, D] on a CUDA device (or the CPU under the simulator)."""
+    launch = prepare(codec, payload, out)
+    launch.run()
+    st = launch.status.copy_to_host()
     if st.any():
         bad = int(np.flatnonzero(st)[0])
         what = "runs past its end" if st[bad] == OVERRUN else "ends in a wrong state"
         raise CodecError(f"cachegen stream {bad} is corrupt ({what})")
-    p.write_sinks(out)  # the same 16-bit values and conversion as the CPU path
+    launch.parsed.write_sinks(out)  # the same 16-bit values and conversion as the CPU path
 
 
-__all__ = ["decode_cuda"]
+__all__ = ["Launch", "decode_cuda", "prepare"]

@@ -16,7 +16,6 @@ from connectors.hf.bridge import (Prefill, append_kv, cache_layers, cache_to_kv,
 from connectors.hf.loader import Generation, HFConnector, LoadReport
 from connectors.hf.sessions import ChatSession, DocumentQA, Turn
 
-__all__ = ["ChatSession", "DocumentQA", "Generation", "HFConnector", "LoadReport", "Prefill", "Turn",
+__all__ = ["ChatSession", "DocumentQA", "Generation", "HFConnector", "LoadReport", "Prefill", "Turn", "append_kv",
            "cache_layers", "cache_to_kv", "compute_chunks", "decode_greedy", "kv_from_layers", "kv_layout",
-           "kv_to_cache", "model_fingerprint", "prefill_kv", "reserved_cache", "append_kv", "run_cached",
-           "use_gqa_attention"]
+           "kv_to_cache", "model_fingerprint", "prefill_kv", "reserved_cache", "run_cached", "use_gqa_attention"]

@@ -27,9 +27,9 @@ def _kv(model, tokens: int, seed: int = 0) -> torch.Tensor:
 
 
 def _dynamic(model, kv: torch.Tensor) -> DynamicCache:
+    """transformers' own cache holding kv: the reference a reserved cache must match."""
     cache = DynamicCache(config=model.config)
-    for i in range(kv.shape[0]):
-        cache.update(kv[i, 0].transpose(0, 1).unsqueeze(0), kv[i, 1].transpose(0, 1).unsqueeze(0), i)
+    append_kv(cache, kv)
     return cache
 
 
