@@ -9,7 +9,8 @@ Primitives:
   core); the encoder quantizes as it codes (`encode` wraps it).
 The kernels are instruction-bound scalar code, written for few instructions per symbol: tables are
 indexed flat with unsigned indices (numba emits negative-index wraparound code for signed ones), and the
-renormalization, taken at random for about one symbol in five, is branch-free.
+renormalization, taken at random for about one symbol in five, is branch-free. A large model's tables do
+not fit the cache, so the decoder loads the next quad's table rows while it decodes the current quad.
 
 The symbol grid is `sym[lk, t, c]` (uint8) with `lk` = layer * 2 + K/V, `t` the token and `c` the flattened
 channel `h * D + d`. Stream `s` covers one `lk` and the channel group `[g * G, g * G + G)` and visits its
@@ -279,16 +280,53 @@ def _dec_lane(words, offsets, s, n_tok, n_chan, group, alphabet):  # pragma: no 
     return x, pos, end, tb * np.uint64(alphabet), tb << np.uint64(LUT_BITS), lk * n_tok * n_chan + c, min(group, n_chan - c)
 
 
+@njit(inline="always")
+def _first_row(s, n_chan, group):  # pragma: no cover - numba
+    """The table row of stream s's first channel."""
+    n_groups = (n_chan + group - 1) // group
+    return np.uint64((s // n_groups) * n_chan + (s % n_groups) * group)
+
+
+@njit(inline="always")
+def _warm(arr, i, end):  # pragma: no cover - numba
+    """arr[i] where i < end, else 0 (a load whose only purpose is to bring its cache line in)."""
+    return np.uint32(arr[i]) if i < end else np.uint32(0)
+
+
+@njit(inline="always")
+def _warm_next(packed, lut, vals, p_lo, p_end, l_lo, l_end, t, n_tok, wide):  # pragma: no cover - numba
+    """Token t's share of loading the next quad's rows packed[p_lo:p_end], vals[p_lo:p_end] and
+    lut[l_lo:l_end] (line t of lut; lines t and t + n_tok of packed; line t of vals; where the alphabet is
+    wide, also packed's lines t + 2 n_tok and t + 3 n_tok and vals' t + n_tok) -> the sum of what it loaded.
+    At 256 tokens that is every line of 64 rows of up to 128 (wide: 256) symbols and 2-byte values."""
+    ut, un = np.uint64(t), np.uint64(n_tok)
+    lp, ll, lv = np.uint64(16), np.uint64(64), np.uint64(64 // vals.itemsize)  # entries per cache line
+    ip, iv = p_lo + ut * lp, p_lo + ut * lv
+    acc = _warm(lut, l_lo + ut * ll, l_end) + _warm(packed, ip, p_end) + _warm(packed, ip + un * lp, p_end)
+    acc += _warm(vals, iv, p_end)
+    if wide:
+        acc += _warm(packed, ip + np.uint64(2) * un * lp, p_end) + _warm(packed, ip + np.uint64(3) * un * lp, p_end)
+        acc += _warm(vals, iv + un * lv, p_end)
+    return acc
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def _decode_kernel(words, offsets, n_tok, n_chan, group, a, packed, lut, vals, out, status):  # pragma: no cover
-    """`decode_streams` on flattened tables: packed, vals [N * a], lut [N * 2**LUT_BITS]."""
+    """`decode_streams` on flattened tables: packed, vals [N * a], lut [N * 2**LUT_BITS]. Returns the sum of
+    the table entries `_warm_next` loaded ahead (meaningless; returned so that the loads are kept)."""
     ns = offsets.shape[0] - 1
     if words.shape[0] == 0:
         for s in range(ns):
             status[s] = OVERRUN
-        return
+        return np.uint64(0)
     last = words.shape[0] - 1  # reads clamp here; the per-stream end check reports any overrun
     ua, ub = np.uint64(a), np.uint64(1 << LUT_BITS)
+    # While a quad decodes, it loads the next quad's table rows a few cache lines per token (`_warm_next`),
+    # so that they are in the cache when that quad starts instead of missing one by one on its first tokens
+    # (tables of a large model's chunk do not fit the cache: 65,536 rows for 32 layers x 1,024 channels).
+    rows = np.uint64(4 * group)
+    wide = a > 128
+    warmed = np.uint64(0)
     for qd in prange((ns + 3) // 4):
         s0 = 4 * qd
         s1, s2, s3 = min(s0 + 1, ns - 1), min(s0 + 2, ns - 1), min(s0 + 3, ns - 1)
@@ -296,7 +334,12 @@ def _decode_kernel(words, offsets, n_tok, n_chan, group, a, packed, lut, vals, o
         x1, p1, e1, tp1, tl1, o1, w1 = _dec_lane(words, offsets, s1, n_tok, n_chan, group, a)
         x2, p2, e2, tp2, tl2, o2, w2 = _dec_lane(words, offsets, s2, n_tok, n_chan, group, a)
         x3, p3, e3, tp3, tl3, o3, w3 = _dec_lane(words, offsets, s3, n_tok, n_chan, group, a)
+        nxt = _first_row(s0 + 4, n_chan, group)
+        p_lo, p_end = nxt * ua, min((nxt + rows) * ua, np.uint64(packed.shape[0]))
+        l_lo, l_end = nxt * ub, min((nxt + rows) * ub, np.uint64(lut.shape[0]))
+        acc = np.uint32(0)
         for t in range(n_tok):
+            acc += _warm_next(packed, lut, vals, p_lo, p_end, l_lo, l_end, t, n_tok, wide)
             o = t * n_chan
             for j in range(group):
                 uj = np.uint64(j)
@@ -308,6 +351,8 @@ def _decode_kernel(words, offsets, n_tok, n_chan, group, a, packed, lut, vals, o
         status[s1] = _dec_status(x1, p1, e1)
         status[s2] = _dec_status(x2, p2, e2)
         status[s3] = _dec_status(x3, p3, e3)
+        warmed += np.uint64(acc)
+    return warmed
 
 
 def decode_streams(words: np.ndarray, offsets: np.ndarray, n_tok: int, n_chan: int, group: int, packed: np.ndarray,

@@ -60,3 +60,32 @@ def test_kernels_match_the_reference(shape):
     bad[offsets[-2] + 1] ^= 0x5A5A  # the last stream (a repeated lane in a short quad) is checked too
     rans.decode_streams(bad, offsets, n_tok, n_chan, group, tables.packed, tables.lut, vals, out, status)
     assert status[-1] != rans.OK and not status[:-1].any()
+
+
+def test_decoder_reads_nothing_out_of_bounds():
+    """The decoder compiled with numba's bounds checks (an out-of-range index raises IndexError) on shapes
+    with a short last quad, a narrow last group, a short chunk and a long one, a wide alphabet, and 2- and
+    4-byte values: its indices are unsigned and unchecked in the shipped build, so a read past a table
+    (the next quad's rows that it loads ahead included) would go unnoticed there."""
+    import numba
+
+    checked = numba.njit(boundscheck=True)(rans._decode_kernel.py_func)  # prange runs as range
+    rng = np.random.default_rng(7)
+    group = 16
+    for (n_lk, n_tok, n_chan), m in [((3, 7, 40), 7), ((2, 300, 70), 100), ((1, 5, 16), 7)]:
+        freq = normalize_freqs(rng.integers(0, 50, (n_lk * n_chan, 2 * m + 1)) ** 2, floor=True)
+        tables = CodingTables.from_freqs(freq)
+        step = rng.uniform(0.5, 2.0, n_lk * n_chan).astype(np.float32)
+        x = (rng.standard_normal((n_lk, n_tok, n_chan)) * 4).astype(np.float32)
+        counts, words = rans.encode(x.reshape(-1), "f32", n_tok, n_chan, group, step, m, tables)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        for dtype in (np.uint16, np.uint32):
+            vals = rng.integers(0, 1000, (n_lk * n_chan, 2 * m + 1)).astype(dtype)
+            out = np.zeros(x.size, dtype=dtype)
+            status = np.full(counts.size, -1, dtype=np.int32)
+            checked(words, offsets, n_tok, n_chan, group, 2 * m + 1, tables.packed.reshape(-1),
+                    tables.lut.reshape(-1), vals.reshape(-1), out, status)
+            assert not status.any()
+            want = np.empty_like(out)
+            rans.decode_streams(words, offsets, n_tok, n_chan, group, tables.packed, tables.lut, vals, want, status)
+            assert np.array_equal(out, want)
