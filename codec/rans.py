@@ -337,16 +337,17 @@ def _decode_kernel(words, offsets, n_tok, n_chan, group, a, packed, lut, vals, o
         nxt = _first_row(s0 + 4, n_chan, group)
         p_lo, p_end = nxt * ua, min((nxt + rows) * ua, np.uint64(packed.shape[0]))
         l_lo, l_end = nxt * ub, min((nxt + rows) * ub, np.uint64(lut.shape[0]))
+        full = min(w0, w1, w2, w3) == group  # no lane narrower than a group: the loop goes without lane checks
         acc = np.uint32(0)
         for t in range(n_tok):
             acc += _warm_next(packed, lut, vals, p_lo, p_end, l_lo, l_end, t, n_tok, wide)
             o = t * n_chan
             for j in range(group):
                 uj = np.uint64(j)
-                x0, p0 = _dec_write(x0, p0, j < w0, last, words, tp0 + uj * ua, tl0 + uj * ub, packed, lut, vals, out, o0 + o + j)
-                x1, p1 = _dec_write(x1, p1, j < w1, last, words, tp1 + uj * ua, tl1 + uj * ub, packed, lut, vals, out, o1 + o + j)
-                x2, p2 = _dec_write(x2, p2, j < w2, last, words, tp2 + uj * ua, tl2 + uj * ub, packed, lut, vals, out, o2 + o + j)
-                x3, p3 = _dec_write(x3, p3, j < w3, last, words, tp3 + uj * ua, tl3 + uj * ub, packed, lut, vals, out, o3 + o + j)
+                x0, p0 = _dec_write(x0, p0, full or j < w0, last, words, tp0 + uj * ua, tl0 + uj * ub, packed, lut, vals, out, o0 + o + j)
+                x1, p1 = _dec_write(x1, p1, full or j < w1, last, words, tp1 + uj * ua, tl1 + uj * ub, packed, lut, vals, out, o1 + o + j)
+                x2, p2 = _dec_write(x2, p2, full or j < w2, last, words, tp2 + uj * ua, tl2 + uj * ub, packed, lut, vals, out, o2 + o + j)
+                x3, p3 = _dec_write(x3, p3, full or j < w3, last, words, tp3 + uj * ua, tl3 + uj * ub, packed, lut, vals, out, o3 + o + j)
         status[s0] = _dec_status(x0, p0, e0)
         status[s1] = _dec_status(x1, p1, e1)
         status[s2] = _dec_status(x2, p2, e2)
