@@ -270,21 +270,21 @@ def _dec_status(x, pos, end):  # pragma: no cover - numba
 
 
 @njit(inline="always")
+def _first_row(s, n_chan, group):  # pragma: no cover - numba
+    """The table row of stream s's first channel."""
+    n_groups = (n_chan + group - 1) // group
+    return np.uint64((s // n_groups) * n_chan + (s % n_groups) * group)
+
+
+@njit(inline="always")
 def _dec_lane(words, offsets, s, n_tok, n_chan, group, alphabet):  # pragma: no cover - numba
     """Stream s's decoder lane: (state, position, end, packed index and lut index of its first table,
     output index of its first element, its width in channels)."""
     n_groups = (n_chan + group - 1) // group
     lk, c = s // n_groups, (s % n_groups) * group
     x, pos, end = _dec_open(words, offsets, s)
-    tb = np.uint64(lk * n_chan + c)
+    tb = _first_row(s, n_chan, group)
     return x, pos, end, tb * np.uint64(alphabet), tb << np.uint64(LUT_BITS), lk * n_tok * n_chan + c, min(group, n_chan - c)
-
-
-@njit(inline="always")
-def _first_row(s, n_chan, group):  # pragma: no cover - numba
-    """The table row of stream s's first channel."""
-    n_groups = (n_chan + group - 1) // group
-    return np.uint64((s // n_groups) * n_chan + (s % n_groups) * group)
 
 
 @njit(inline="always")

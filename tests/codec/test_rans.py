@@ -32,17 +32,28 @@ def reference_words(sym: np.ndarray, group: int, freq: np.ndarray) -> list[list[
     return streams
 
 
+GROUP = 16
+
+
+def random_coded(rng, shape: tuple[int, int, int], m: int):
+    """Random tables over 2m + 1 symbols, steps and float32 input of shape [LK, T, C], and the kernels'
+    encoding of it -> (freq, tables, step, x, counts, words)."""
+    n_lk, n_tok, n_chan = shape
+    freq = normalize_freqs(rng.integers(0, 50, (n_lk * n_chan, 2 * m + 1)) ** 2, floor=True)
+    tables = CodingTables.from_freqs(freq)
+    step = rng.uniform(0.5, 2.0, n_lk * n_chan).astype(np.float32)
+    x = (rng.standard_normal(shape) * 4).astype(np.float32)
+    counts, words = rans.encode(x.reshape(-1), "f32", n_tok, n_chan, GROUP, step, m, tables)
+    return freq, tables, step, x, counts, words
+
+
 @pytest.mark.parametrize("shape", [(1, 5, 16), (3, 7, 40), (2, 3, 70)])
 def test_kernels_match_the_reference(shape):
     rng = np.random.default_rng(sum(shape))
     n_lk, n_tok, n_chan = shape
-    m, group = 7, 16
-    freq = normalize_freqs(rng.integers(0, 50, (n_lk * n_chan, 2 * m + 1)) ** 2, floor=True)
-    tables = CodingTables.from_freqs(freq)
-    step = rng.uniform(0.5, 2.0, n_lk * n_chan).astype(np.float32)
-    x = (rng.standard_normal((n_lk, n_tok, n_chan)) * 4).astype(np.float32)
+    m, group = 7, GROUP
+    freq, tables, step, x, counts, words = random_coded(rng, shape, m)
     sym = np.clip(np.rint(x / step.reshape(n_lk, 1, n_chan)), -m, m).astype(np.int64) + m
-    counts, words = rans.encode(x.reshape(-1), "f32", n_tok, n_chan, group, step, m, tables)
     want = reference_words(sym, group, freq)
     assert counts.tolist() == [len(w) for w in want]
     assert words.tolist() == [v for w in want for v in w]
@@ -71,13 +82,9 @@ def test_decoder_reads_nothing_out_of_bounds():
 
     checked = numba.njit(boundscheck=True)(rans._decode_kernel.py_func)  # prange runs as range
     rng = np.random.default_rng(7)
-    group = 16
+    group = GROUP
     for (n_lk, n_tok, n_chan), m in [((3, 7, 40), 7), ((2, 300, 70), 100), ((1, 5, 16), 7)]:
-        freq = normalize_freqs(rng.integers(0, 50, (n_lk * n_chan, 2 * m + 1)) ** 2, floor=True)
-        tables = CodingTables.from_freqs(freq)
-        step = rng.uniform(0.5, 2.0, n_lk * n_chan).astype(np.float32)
-        x = (rng.standard_normal((n_lk, n_tok, n_chan)) * 4).astype(np.float32)
-        counts, words = rans.encode(x.reshape(-1), "f32", n_tok, n_chan, group, step, m, tables)
+        _, tables, _, x, counts, words = random_coded(rng, (n_lk, n_tok, n_chan), m)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         for dtype in (np.uint16, np.uint32):
             vals = rng.integers(0, 1000, (n_lk * n_chan, 2 * m + 1)).astype(dtype)
